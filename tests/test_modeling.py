@@ -1,0 +1,180 @@
+"""UniAttn modeling against stock transformers and against the naive reference of the spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, make_pair, random_batch
+from reference import reference_logits
+from transformers import DynamicCache, StaticCache
+
+from uniattn.modeling.cache import cache_nbytes
+
+ATTN = ("eager", "sdpa")
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_layers_before_first_follower_match_stock(family, attn):
+    stock, uni = make_pair(family, attn=attn, seed=1)
+    if family == "gemma2":
+        stock.set_attn_implementation("eager")  # stock SDPA drops Gemma-2's soft-cap: compare with eager
+    ids, mask = random_batch(padding="left", seed=2)
+    with torch.no_grad():
+        h_stock = stock(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        h_uni = uni(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    first = uni.config.superblock_layout.followers[0]
+    # hidden_states[i] is the input of layer i: everything up to the first follower's input is stock.
+    for i in range(first + 1):
+        torch.testing.assert_close(h_uni[i], h_stock[i], rtol=0, atol=0 if attn == "eager" else 1e-6)
+    # ... and the follower changes the stream (the test can fail).
+    assert not torch.allclose(h_uni[first + 1], h_stock[first + 1], atol=1e-3)
+
+
+def test_without_followers_range_matches_stock_logits_where_layout_starts_late():
+    # Layout starting at the last two layers: all earlier layers and the leader are stock.
+    stock, uni = make_pair("llama", layout=(2, 3, 5), seed=3, compensation=False)
+    ids, mask = random_batch(seed=4)
+    with torch.no_grad():
+        hs = stock(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        hu = uni(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for i in range(5):
+        torch.testing.assert_close(hu[i], hs[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding", ("right", "left"))
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("layout", ((2, 1, 6), (2, 0, 6), (3, 1, 6)))
+def test_follower_matches_naive_reference(family, attn, padding, layout):
+    _, uni = make_pair(family, layout=layout, attn=attn, seed=5)
+    ids, mask = random_batch(length=14, padding=padding, seed=6)  # 14 > window 5: windows matter
+    with torch.no_grad():
+        got = uni(ids, attention_mask=mask).logits
+        want = reference_logits(uni, ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+def test_gemma2_sdpa_keeps_the_softcap():
+    # transformers 5.17's SDPA drops the soft-cap; UniAttn must not: it runs eager instead.
+    stock, uni = make_pair("gemma2", attn="sdpa", seed=7)
+    assert uni.config._attn_implementation == "eager"
+    uni.set_attn_implementation("sdpa")
+    assert uni.config._attn_implementation == "eager"
+    ids, mask = random_batch(seed=8)
+    with torch.no_grad():
+        got = uni(ids, attention_mask=mask).logits
+        stock_sdpa = stock(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], reference_logits(uni, ids, mask)[real], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, stock_sdpa, atol=1e-2)  # sanity: the cap does change the output here
+    uni.config._attn_implementation_internal = "sdpa"  # behind the model's back: refused, not silent
+    with pytest.raises(RuntimeError, match="soft-cap"):
+        uni(ids)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("cache", ("dynamic", "static"))
+def test_incremental_decoding_equals_full_forward(family, attn, cache):
+    _, uni = make_pair(family, attn=attn, seed=9)
+    ids, _ = random_batch(batch=2, length=13, padding="right", seed=10)
+    ids[:, :] = ids[0]  # no padding here: positions must line up token by token
+    prefix = 4
+    with torch.no_grad():
+        full = uni(ids).logits
+        past = DynamicCache(config=uni.config) if cache == "dynamic" else StaticCache(config=uni.config, max_cache_len=16)
+        out = uni(ids[:, :prefix], past_key_values=past, use_cache=True)
+        steps = [out.logits]
+        for t in range(prefix, ids.shape[1]):
+            out = uni(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", (None, "static"))
+def test_generate_with_cache_equals_without(family, cache):
+    _, uni = make_pair(family, attn="sdpa", seed=11)
+    ids, mask = random_batch(batch=2, length=6, padding="left", seed=12)
+    kw = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = uni.generate(ids, use_cache=True, cache_implementation=cache, **kw)
+        uncached = uni.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_with_cache_equals_without(family):
+    _, uni = make_pair(family, attn="eager", seed=13)
+    ids, mask = random_batch(batch=2, length=5, padding="left", seed=14)
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0,
+              output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = uni.generate(ids, use_cache=True, **kw)
+        uncached = uni.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
+
+
+@pytest.mark.parametrize("cache", ("dynamic", "static"))
+def test_kv_cache_bytes_and_parameter_count(cache):
+    stock, uni = make_pair("llama", seed=15)
+    ids, _ = random_batch(batch=2, length=10, seed=16)
+    layout = uni.config.superblock_layout
+    L, F = layout.num_layers, len(layout.followers)
+
+    def prefill(model):
+        past = DynamicCache(config=model.config) if cache == "dynamic" else StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            return model(ids, past_key_values=past, use_cache=True).past_key_values
+
+    assert cache_nbytes(prefill(uni)) * 2 * L == cache_nbytes(prefill(stock)) * (2 * L - F)
+
+    cfg, hidden = uni.config, uni.config.hidden_size
+    q = hidden * cfg.num_attention_heads * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim  # weight + bias
+    k = hidden * cfg.num_key_value_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim
+    w_c = hidden * hidden + hidden
+    n_stock = sum(p.numel() for p in stock.parameters())
+    n_uni = sum(p.numel() for p in uni.parameters())
+    assert n_uni == n_stock - F * (q + k) + F * w_c
+    for i in layout.followers:
+        attn = uni.model.layers[i].self_attn
+        assert not hasattr(attn, "q_proj") and not hasattr(attn, "k_proj")
+
+
+def test_fresh_model_has_zero_compensation(family):
+    _, uni = make_pair(family, compensation=False)
+    comps = [p for n, p in uni.named_parameters() if "compensation" in n]
+    assert comps and all(torch.count_nonzero(p) == 0 for p in comps)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_gradient_checkpointing_gives_the_same_gradients(family, attn):
+    _, uni = make_pair(family, attn=attn, seed=17)
+    uni.train()
+    ids, mask = random_batch(seed=18)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def grads():
+        uni.zero_grad()
+        uni(ids, attention_mask=mask, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in uni.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    uni.gradient_checkpointing_enable()
+    checkpointed = grads()
+    uni.gradient_checkpointing_disable()
+    assert plain.keys() == checkpointed.keys()
+    leader_q = f"model.layers.{uni.config.superblock_layout.leaders[0]}.self_attn.q_proj.weight"
+    assert leader_q in plain and plain[leader_q].abs().sum() > 0  # followers' loss reaches the leader's Q
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_reentrant_checkpointing_is_refused():
+    _, uni = make_pair("llama")
+    with pytest.raises(ValueError, match="use_reentrant"):
+        uni.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_families_are_all_covered():
+    import uniattn
+
+    assert set(uniattn.UNIATTN_FAMILIES) == set(FAMILIES)

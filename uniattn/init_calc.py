@@ -1,0 +1,338 @@
+"""Closed-form initialisation of the compensation ``W_c`` ("init calc").
+
+For every follower, in layer order, fit ``W_c`` so that ``W_c u`` replaces what
+Softmax unification took away from the residual stream (UNIATTN.md section 4):
+
+* target: the base model's post-attention residual stream at that layer minus
+  the UniAttn model's (earlier followers already compensated, this one not);
+  for Gemma-2, whose compensation sits inside ``post_attention_layernorm``, the
+  difference of the attention outputs before that norm;
+* input: the UniAttn model's normed layer input ``u``;
+* solve ``min_W ||U W - T||^2 + lambda ||W||^2`` over every real token, from
+  float64 normal equations ``U^T U`` and ``U^T T`` (memory O(hidden^2), any
+  number of samples; ranks all-reduce them, so every rank solves the same system).
+
+Both models are propagated layer by layer over the whole calibration set (their
+hidden states are kept), so the calculation costs about two forward passes
+(plus the follower layers once more), not one pass per follower.
+
+    python -m uniattn.init_calc --model_dir BASE --data FILE --superblock 4 14 30 \\
+        --num_layers 30 --output OUT/uniattn_init.safetensors [--save_model OUT/model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import UserDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .data import DataError, collate, load_records, tokenize
+from .modeling import FOLLOWER
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- statistics
+class NormalEquations:
+    """Streaming float64 sums for ``min_W ||U W - T||`` (with a bias column when the layer has a bias)."""
+
+    def __init__(self, dim_in: int, dim_out: int, bias: bool, device="cpu"):
+        self.bias = bias
+        d = dim_in + int(bias)
+        self.utu = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.utt = torch.zeros(d, dim_out, dtype=torch.float64, device=device)
+        self.tt = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+
+    def _design(self, u: torch.Tensor) -> torch.Tensor:
+        u = u.to(self.utu.device, torch.float64)
+        return torch.cat([u, torch.ones_like(u[:, :1])], dim=1) if self.bias else u
+
+    def add(self, u: torch.Tensor, target: torch.Tensor) -> None:
+        """``u``: [tokens, dim_in], ``target``: [tokens, dim_out] (real tokens only)."""
+        x, t = self._design(u), target.to(self.utt.device, torch.float64)
+        self.utu += x.T @ x
+        self.utt += x.T @ t
+        self.tt += (t * t).sum()
+        self.count += x.shape[0]
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.utu, self.utt, self.tt, self.count):
+                dist.all_reduce(t)
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """``X = (U^T U + lambda I)^-1 U^T T`` with ``lambda = ridge * mean(diag(U^T U))``; shape [dim_in(+1), dim_out]."""
+        if self.count == 0:
+            raise ValueError("no tokens were accumulated: the calibration data is empty")
+        a = self.utu.clone()
+        lam = ridge * a.diagonal().mean()
+        a.diagonal().add_(lam)
+        return torch.linalg.solve(a, self.utt)
+
+    def residual(self, x: torch.Tensor) -> float:
+        """Mean squared error per token of ``U x - T`` from the sums alone (no second pass)."""
+        err = self.tt - 2 * (x * self.utt).sum() + (x * (self.utu @ x)).sum()
+        return float(err / self.count)
+
+    def target_energy(self) -> float:
+        return float(self.tt / self.count)
+
+
+# ---------------------------------------------------------------- propagation
+@dataclass
+class Prepared:
+    """One calibration batch at layer 0: embeddings and everything a decoder layer needs."""
+
+    x: torch.Tensor
+    position_embeddings: tuple
+    position_ids: torch.Tensor
+    masks: dict
+    real: torch.Tensor  # [batch, seq] bool: the tokens the statistics and errors count
+
+    def layer_kwargs(self, config, i: int) -> dict:
+        return {
+            "attention_mask": self.masks[mask_type(config, i)],
+            "position_embeddings": self.position_embeddings,
+            "position_ids": self.position_ids,
+        }
+
+
+def mask_type(config, i: int) -> str:
+    """Which mask layer ``i`` uses, as the stock model forwards decide it."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return layer_types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def prepare(model, batch: dict, tokens: str) -> Prepared:
+    inner = model.model
+    device = next(model.parameters()).device
+    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    x = inner.embed_tokens(ids)
+    position_ids = torch.arange(ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
+    kwargs = dict(config=model.config, inputs_embeds=x, attention_mask=attn, past_key_values=None, position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**kwargs)}
+    if getattr(model.config, "sliding_window", None):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+    real = attn.bool() if tokens == "all" else (batch["labels"].to(device) != -100)
+    return Prepared(x, inner.rotary_emb(x, position_ids), position_ids, masks, real)
+
+
+def _post_attention(layer, x, attn_out, gemma: bool):
+    return x + (layer.post_attention_layernorm(attn_out) if gemma else attn_out)
+
+
+@torch.no_grad()
+def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=True) -> list[dict]:
+    """Run both models layer by layer over ``batches``; fit each follower's ``W_c`` when ``fit``.
+
+    Returns one record per follower: the least-squares fit (target energy and residual
+    per token before / after) and the relative residual-stream error
+    ``sum ||r_base - r_uni||^2 / sum ||r_base||^2`` after the follower's attention.
+    """
+    config = uni.config
+    layout = config.superblock_layout
+    gemma = config.base_model_type == "gemma2"
+    prep = [prepare(uni, b, tokens) for b in batches]
+    xb = [p.x.clone() for p in prep]
+    xu = [p.x.clone() for p in prep]
+    states = [UserDict() for _ in prep]
+    report = []
+    layers = range(config.num_hidden_layers)
+    for i in tqdm(layers, desc="init calc" if fit else "propagate", disable=not progress, leave=False):
+        bl, ul = base.model.layers[i], uni.model.layers[i]
+        if layout.role(i) != FOLLOWER:
+            for k, p in enumerate(prep):
+                kw = p.layer_kwargs(config, i)
+                xb[k] = bl(xb[k], **kw)
+                xu[k] = ul(xu[k], uniattn_states=states[k], **kw)
+            continue
+        comp = ul.self_attn.compensation
+        eq = NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None)
+        err = torch.zeros(2, dtype=torch.float64)
+        for k, p in enumerate(prep):
+            kw = p.layer_kwargs(config, i)
+            ub = bl.input_layernorm(xb[k])
+            ab = bl.self_attn(hidden_states=ub, **kw)[0]
+            rb = _post_attention(bl, xb[k], ab, gemma)
+            u = ul.input_layernorm(xu[k])
+            au = ul.self_attn(u, uniattn_states=states[k], **kw)[0] - comp(u)  # without this follower's W_c
+            target = (ab - au) if gemma else (rb - _post_attention(ul, xu[k], au, gemma))
+            if fit:
+                eq.add(u[p.real], target[p.real])
+        if fit:
+            eq.all_reduce()
+            x = eq.solve(ridge)
+            before, after = eq.target_energy(), eq.residual(x)
+            with torch.no_grad():
+                comp.weight.copy_(x[: config.hidden_size].T.to(comp.weight.dtype))
+                if comp.bias is not None:
+                    comp.bias.copy_(x[config.hidden_size].to(comp.bias.dtype))
+        for k, p in enumerate(prep):
+            kw = p.layer_kwargs(config, i)
+            ub = bl.input_layernorm(xb[k])
+            rb = _post_attention(bl, xb[k], bl.self_attn(hidden_states=ub, **kw)[0], gemma)
+            u = ul.input_layernorm(xu[k])
+            ru = _post_attention(ul, xu[k], ul.self_attn(u, uniattn_states=states[k], **kw)[0], gemma)
+            diff, ref = (rb - ru)[p.real].double(), rb[p.real].double()
+            err += torch.stack([(diff * diff).sum().cpu(), (ref * ref).sum().cpu()])
+            xb[k] = bl(xb[k], **kw)
+            xu[k] = ul(xu[k], uniattn_states=states[k], **kw)
+        if dist.is_available() and dist.is_initialized():
+            err = err.to(eq.utu.device)
+            dist.all_reduce(err)
+        row = {"layer": i, "leader": layout.leader_of(i), "stream_rel_error": float(err[0] / err[1])}
+        if fit:
+            row.update(tokens=int(eq.count), target_mse=before, fit_mse=after)
+        report.append(row)
+    return report
+
+
+# ---------------------------------------------------------------- driver
+def make_batches(records, tokenizer, max_length: int, batch_size: int) -> list[dict]:
+    examples = [tokenize(r, tokenizer, max_length) for r in records]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [collate(examples[s : s + batch_size], pad) for s in range(0, len(examples), batch_size)]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def load_models(model_dir, superblock, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .convert import load_converted
+
+    base_config = AutoConfig.from_pretrained(model_dir)
+    # Stock SDPA drops Gemma-2's attention soft-cap; the base must be computed exactly.
+    attn = "eager" if getattr(base_config, "attn_logit_softcapping", None) else "sdpa"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to(device).eval()
+    uni, _ = load_converted(model_dir, superblock, dtype)
+    uni.set_attn_implementation(attn)
+    return base, uni.to(device).eval()
+
+
+def run(args) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .convert import save_checkpoint
+    from .init_file import save_init
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model_dir {model_dir} has no config.json: pass a Hugging Face checkpoint directory")
+    base_config = AutoConfig.from_pretrained(model_dir)
+    if args.num_layers is not None and args.num_layers != base_config.num_hidden_layers:
+        raise ValueError(
+            f"layer count {args.num_layers} does not match the model in {model_dir}, which has "
+            f"{base_config.num_hidden_layers} layers; pass {base_config.num_hidden_layers}"
+        )
+    from .convert import uniattn_config_from
+
+    layout = uniattn_config_from(base_config, args.superblock).superblock_layout  # validates G B E early
+    records = load_records(args.data)
+    if args.skip:
+        records = records[args.skip :]
+    records = records[: args.num_samples]
+    if not records:
+        raise DataError(f"{args.data} has no records left after --skip {args.skip}")
+    _check_writable(Path(args.output))
+    if args.save_model:
+        _check_writable(Path(args.save_model))
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    batches = shard(make_batches(records, tokenizer, args.max_length, args.batch_size), rank, world)
+    base, uni = load_models(model_dir, args.superblock, dtype, device)
+    logger.info("%s; %d samples (%d batches on this rank)", layout.describe(), len(records), len(batches))
+
+    start = time.perf_counter()
+    report = propagate(base, uni, batches, tokens=args.tokens, fit=True, ridge=args.ridge, progress=rank == 0)
+    seconds = time.perf_counter() - start
+
+    tensors = {n: p.detach().float().cpu() for n, p in uni.state_dict().items() if ".compensation." in n}
+    meta = {
+        "samples": len(records), "max_length": args.max_length, "tokens": report[0]["tokens"],
+        "token_selection": args.tokens, "ridge": args.ridge, "dtype": args.dtype, "world_size": world,
+        "seconds": round(seconds, 2), "data": str(args.data), "followers": report,
+    }
+    if rank == 0:
+        save_init(args.output, tensors, uni.config, extra=meta)
+        if args.save_model:
+            save_checkpoint(uni, args.save_model, tokenizer_from=model_dir, overwrite=args.overwrite)
+    return meta
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent if path.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise PermissionError(f"cannot write {path}: {probe} is not a writable folder; choose another --output / OUTPUT_DIR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_dir", required=True, help="plain HF checkpoint (LLaMA, Mistral, Gemma-2)")
+    p.add_argument("--data", required=True, help="calibration records, JSON list or JSONL (instruction/input/output)")
+    p.add_argument("--superblock", nargs=3, type=int, required=True, metavar=("G", "B", "E"))
+    p.add_argument("--num_layers", type=int, default=None, help="the seed's L: checked against the model's layer count")
+    p.add_argument("--output", required=True, help="safetensors file for the W_c tensors and metadata")
+    p.add_argument("--save_model", default=None, help="also write a ready UniAttn checkpoint with W_c in place")
+    p.add_argument("--overwrite", action="store_true", help="replace --save_model if it exists")
+    p.add_argument("--num_samples", type=int, default=256, help="calibration records to use (from the start)")
+    p.add_argument("--skip", type=int, default=0, help="records to skip before taking the sample")
+    p.add_argument("--max_length", type=int, default=320, help="tokens per record (prompt + response)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--tokens", choices=("all", "response"), default="all", help="which real tokens enter the fit")
+    p.add_argument("--ridge", type=float, default=1e-4, help="ridge, relative to the mean diagonal of U^T U")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="forward dtype (statistics are fp64)")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        meta = run(args)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in meta.items() if k != "followers"}))
+        print("| follower | leader | target MSE | fit MSE | stream rel. error |\n|---|---|---|---|---|")
+        for r in meta["followers"]:
+            print(f"| {r['layer']} | {r['leader']} | {r['target_mse']:.4g} | {r['fit_mse']:.4g} | {r['stream_rel_error']:.4g} |")
+        print(f"wrote {args.output}" + (f" and {args.save_model}" if args.save_model else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""KV-cache bytes and parameter counts of a UniAttn checkpoint against its base model.
+
+    python -m uniattn.kv_report BASE_DIR UNIATTN_DIR [--tokens 1024 --batch 1]
+
+Prefills the same random prompt through both models with a ``DynamicCache`` and
+prints a markdown table (cache bytes, parameters, and the ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from .modeling.cache import cache_nbytes
+
+
+@torch.no_grad()
+def measure(path, tokens: int, batch: int) -> dict:
+    import uniattn  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    past = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+    return {"cache": cache_nbytes(past), "params": sum(p.numel() for p in model.parameters()),
+            "layout": str(getattr(model.config, "superblock_layout", "-"))}
+
+
+def table(base_dir, uni_dir, tokens=256, batch=1) -> str:
+    base, uni = measure(base_dir, tokens, batch), measure(uni_dir, tokens, batch)
+    rows = [
+        "| model | layout | KV cache after prefill | parameters |",
+        "|---|---|---|---|",
+        f"| base | - | {base['cache'] / 2**20:.2f} MiB | {base['params'] / 1e6:.2f} M |",
+        f"| UniAttn | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
+        f"| {uni['params'] / 1e6:.2f} M ({uni['params'] / base['params'] - 1:+.2%}) |",
+    ]
+    return "\n".join(rows) + f"\n\n(fp32, batch {batch}, {tokens} prompt tokens)"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base_dir")
+    p.add_argument("uniattn_dir")
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    args = p.parse_args(argv)
+    print(table(args.base_dir, args.uniattn_dir, args.tokens, args.batch))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

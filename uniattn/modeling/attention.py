@@ -1,0 +1,189 @@
+"""The one UniAttn attention mechanism, shared by LLaMA, Mistral and Gemma-2.
+
+* ``SoftmaxAttentionMixin`` goes on top of a family's stock attention class for
+  ordinary and leader layers. Its forward is the stock computation (GQA, RoPE,
+  Mistral / Gemma-2 sliding windows, Gemma-2 soft-capping, any
+  ``ALL_ATTENTION_FUNCTIONS`` kernel). A leader additionally publishes a
+  ``LeaderState`` (post-RoPE Q, the full K after the cache update, the mask and
+  the kernel arguments, and P itself when the kernel materialised it) into the
+  per-forward ``uniattn_states`` dict that the model passes to every layer.
+* ``FollowerAttention`` has no ``q_proj``/``k_proj``: it reads its leader's
+  state, projects only V (cached V-only), and computes ``P_leader @ V`` either
+  from the materialised P (eager, the reference path) or by calling the same
+  fused kernel with the leader's Q and K (no T x T matrix is built). It returns
+  ``o_proj(P V) + W_c u``, so the stock decoder layer places the compensation
+  exactly where the spec wants it for each family.
+
+Shipped inside saved checkpoints: only relative imports of sibling files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Kernels that cannot apply Gemma-2's attention-logit soft-cap: transformers 5.17's
+# SDPA path drops the `softcap` argument silently. The model maps them to eager at
+# construction (see core.py); this guard catches a config changed behind its back.
+NO_SOFTCAP_KERNELS = ("sdpa", "paged|sdpa")
+
+
+def attention_function(module: nn.Module, softcap: float | None) -> Callable:
+    impl = module.config._attn_implementation
+    if softcap is not None and impl in NO_SOFTCAP_KERNELS:
+        raise RuntimeError(
+            f"attn_implementation={impl!r} cannot apply this model's attention soft-cap ({softcap}); "
+            "use model.set_attn_implementation('eager' | 'flash_attention_2' | 'flex_attention')"
+        )
+    return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+
+
+@dataclass
+class LeaderState:
+    """What a leader hands to its followers within one forward pass."""
+
+    query: torch.Tensor  # [batch, q_heads, q_len, head_dim], post-RoPE
+    key: torch.Tensor  # [batch, kv_heads, kv_len, head_dim], post-RoPE, cached past included
+    attention_mask: torch.Tensor | None
+    scaling: float
+    sliding_window: int | None
+    softcap: float | None
+    dropout: float
+    probs: torch.Tensor | None  # [batch, q_heads, q_len, kv_len] when the kernel materialised it (eager)
+
+
+class SoftmaxAttentionMixin:
+    """Stock attention forward for ordinary and leader layers; a leader also publishes its state."""
+
+    is_leader: bool = False
+
+    def _kernel_kwargs(self) -> dict:
+        # Gemma-2 stores a per-layer window (None on global layers); Mistral keeps it on the config.
+        if hasattr(self, "sliding_window"):
+            window = self.sliding_window
+        else:
+            window = getattr(self.config, "sliding_window", None)
+        return {"sliding_window": window, "softcap": getattr(self, "attn_logit_softcapping", None)}
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        uniattn_states=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        extra = self._kernel_kwargs()
+        dropout = self.attention_dropout if self.training else 0.0
+        attn_output, attn_weights = attention_function(self, extra["softcap"])(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        if self.is_leader:
+            if uniattn_states is None:
+                raise RuntimeError("a UniAttn leader ran without the model's `uniattn_states` hand-off dict")
+            uniattn_states[self.layer_idx] = LeaderState(
+                query=query_states,
+                key=key_states,
+                attention_mask=attention_mask,
+                scaling=self.scaling,
+                dropout=dropout,
+                probs=attn_weights,
+                **extra,
+            )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class FollowerAttention(nn.Module):
+    """Reuses the leader's attention probabilities with its own V; adds the compensation ``W_c u``."""
+
+    def __init__(self, config, layer_idx: int, leader_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.leader_idx = leader_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = getattr(config, "attention_bias", False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.compensation = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        # Zero W_c is "no compensation": what a missing W_c must mean when a checkpoint is loaded.
+        self.compensation._uniattn_zero_init = True
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings=None,
+        attention_mask=None,
+        past_key_values=None,
+        uniattn_states=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        state: LeaderState | None = None if uniattn_states is None else uniattn_states.get(self.leader_idx)
+        if state is None:
+            raise RuntimeError(
+                f"follower layer {self.layer_idx} found no state from its leader {self.leader_idx}: "
+                "run the whole model (the leader must run first in the same forward)"
+            )
+        input_shape = hidden_states.shape[:-1]
+        value_states = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if past_key_values is not None:
+            _, value_states = past_key_values.update(value_states[..., :0], value_states, self.layer_idx)
+
+        if state.probs is not None:
+            # Reference path: the leader materialised P (eager), reuse it as is.
+            values = repeat_kv(value_states, self.num_key_value_groups).to(state.probs.dtype)
+            attn_output = torch.matmul(state.probs, values).transpose(1, 2).contiguous()
+        else:
+            # P_leader @ V == attn(Q_leader, K_leader, V) with the leader's mask, scale, window and cap,
+            # so the fused kernel gives it without building P.
+            attn_output, _ = attention_function(self, state.softcap)(
+                self,
+                state.query,
+                state.key,
+                value_states,
+                state.attention_mask,
+                dropout=state.dropout,
+                scaling=state.scaling,
+                sliding_window=state.sliding_window,
+                softcap=state.softcap,
+                **kwargs,
+            )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output + self.compensation(hidden_states), None

@@ -1,0 +1,66 @@
+"""UniAttn configurations: the base family's config plus the SuperBlock layout.
+
+Each family gets its own ``model_type`` (``uniattn_llama``, ``uniattn_mistral``,
+``uniattn_gemma2``) so the Auto classes and ``trust_remote_code`` loading can
+tell a UniAttn checkpoint from a plain one. The layout is validated when the
+config is built, so a bad ``G B E`` fails before any weight is touched.
+
+Shipped inside saved checkpoints: only relative imports of sibling files.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import Gemma2Config, LlamaConfig, MistralConfig
+
+from .layout import SuperBlockLayout
+
+
+class UniAttnConfigMixin:
+    """Adds ``superblock_size/begin/end`` (the seed's ``G B E``) to a base config."""
+
+    base_model_type: str = ""
+
+    @property
+    def superblock_layout(self) -> SuperBlockLayout:
+        return SuperBlockLayout.from_config(self)
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Checked here rather than in a strict ``validate_*`` hook so a bad layout
+        # surfaces as a plain ``ValueError`` naming the value and the allowed range.
+        SuperBlockLayout.from_config(self)
+
+
+
+
+@strict
+class UniAttnLlamaConfig(UniAttnConfigMixin, LlamaConfig):
+    model_type = "uniattn_llama"
+    base_model_type = "llama"
+    superblock_size: int = 4
+    superblock_begin: int = 0
+    superblock_end: int | None = None
+
+
+@strict
+class UniAttnMistralConfig(UniAttnConfigMixin, MistralConfig):
+    model_type = "uniattn_mistral"
+    base_model_type = "mistral"
+    superblock_size: int = 4
+    superblock_begin: int = 0
+    superblock_end: int | None = None
+
+
+@strict
+class UniAttnGemma2Config(UniAttnConfigMixin, Gemma2Config):
+    model_type = "uniattn_gemma2"
+    base_model_type = "gemma2"
+    superblock_size: int = 4
+    superblock_begin: int = 0
+    superblock_end: int | None = None
+
+
+UNIATTN_CONFIGS = {c.base_model_type: c for c in (UniAttnLlamaConfig, UniAttnMistralConfig, UniAttnGemma2Config)}
+
+__all__ = ["UniAttnLlamaConfig", "UniAttnMistralConfig", "UniAttnGemma2Config", "UNIATTN_CONFIGS"]
