@@ -139,7 +139,7 @@ def _data(tmp_path, n=12):
 
 def _args(base, data, out, *extra):
     return ["--model_dir", str(base), "--data", str(data), "--superblock", "2", "1", "6", "--num_layers", "5",
-            "--output", str(out), "--batch_size", "4", "--max_length", "48", *extra]
+            "--output", str(out), "--batch_size", "4", "--max_length", "48", "--include_eval_items", *extra]
 
 
 def test_cli_writes_file_and_checkpoint(tiny_base, tmp_path):
@@ -158,6 +158,19 @@ def test_cli_writes_file_and_checkpoint(tiny_base, tmp_path):
         assert torch.equal(model.state_dict()[name], tensor)
     other = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     apply_init(other, out)
+
+
+def test_calibration_leaves_out_the_evaluation_items_by_default(tiny_base, tmp_path):
+    from uniattn.data import load_records
+    from uniattn.eval.split import train_eval_split
+
+    data = _data(tmp_path, n=40)
+    train, held_out = train_eval_split(load_records(data))
+    assert held_out, "the sample should hold some evaluation items"
+    out = tmp_path / "init.safetensors"
+    args = [a for a in _args(tiny_base, data, out) if a != "--include_eval_items"]
+    assert init_main(args) == 0
+    assert read_metadata(out)["samples"] == len(train)
 
 
 def test_one_and_two_processes_agree(tiny_base, tmp_path):

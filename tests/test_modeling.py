@@ -55,11 +55,12 @@ def test_follower_matches_naive_reference(family, attn, padding, layout):
 
 
 def test_gemma2_sdpa_keeps_the_softcap():
-    # transformers 5.17's SDPA drops the soft-cap; UniAttn must not: it runs eager instead.
+    # transformers 5.17's SDPA drops the soft-cap; UniAttn must not: "sdpa" becomes "uniattn_sdpa".
     stock, uni = make_pair("gemma2", attn="sdpa", seed=7)
-    assert uni.config._attn_implementation == "eager"
+    assert uni.config._attn_implementation == "uniattn_sdpa"
+    uni.set_attn_implementation("eager")
     uni.set_attn_implementation("sdpa")
-    assert uni.config._attn_implementation == "eager"
+    assert uni.config._attn_implementation == "uniattn_sdpa"
     ids, mask = random_batch(seed=8)
     with torch.no_grad():
         got = uni(ids, attention_mask=mask).logits
@@ -178,3 +179,35 @@ def test_families_are_all_covered():
     import uniattn
 
     assert set(uniattn.UNIATTN_FAMILIES) == set(FAMILIES)
+
+
+def test_grouped_sdpa_serves_stock_models_too():
+    # The registered "uniattn_sdpa" kernel is a drop-in for stock models (prefill SDPA, grouped decode).
+    stock, _ = make_pair("llama", attn="sdpa", seed=40)
+    ids, _ = random_batch(batch=2, length=9, seed=41)
+    ids[:] = ids[0]
+    with torch.no_grad():
+        full = stock(ids).logits
+        stock.set_attn_implementation("uniattn_sdpa")
+        past = StaticCache(config=stock.config, max_cache_len=12)
+        out = stock(ids[:, :5], past_key_values=past, use_cache=True)
+        steps = [out.logits]
+        for t in range(5, 9):
+            out = stock(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_static_cache_decode_compiles_without_graph_breaks(family):
+    # fullgraph=True fails on any graph break in UniAttn code; the eager backend keeps this fast on CPU.
+    _, uni = make_pair(family, attn="sdpa", seed=42)
+    ids, _ = random_batch(batch=2, length=7, seed=43)
+    ids[:] = ids[0]
+    with torch.no_grad():
+        full = uni(ids).logits
+        past = StaticCache(config=uni.config, max_cache_len=10)
+        out = uni(ids[:, :4], past_key_values=past, use_cache=True)
+        step = torch.compile(lambda tok, pos: uni(input_ids=tok, position_ids=pos, past_key_values=past,
+                                                  use_cache=True).logits, fullgraph=True, backend="eager")
+        steps = [out.logits] + [step(ids[:, t : t + 1], torch.full((2, 1), t)) for t in range(4, 7)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)

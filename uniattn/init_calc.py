@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .data import DataError, collate, load_records, tokenize
+from .eval.split import train_eval_split
 from .modeling import FOLLOWER
 
 logger = logging.getLogger(__name__)
@@ -136,13 +137,21 @@ def _post_attention(layer, x, attn_out, gemma: bool):
     return x + (layer.post_attention_layernorm(attn_out) if gemma else attn_out)
 
 
+def _finish(layer, r, gemma: bool):
+    """The MLP half of a stock decoder layer, from its post-attention residual stream."""
+    if gemma:
+        return r + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(r)))
+    return r + layer.mlp(layer.post_attention_layernorm(r))
+
+
 @torch.no_grad()
 def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=True) -> list[dict]:
     """Run both models layer by layer over ``batches``; fit each follower's ``W_c`` when ``fit``.
 
-    Returns one record per follower: the least-squares fit (target energy and residual
-    per token before / after) and the relative residual-stream error
-    ``sum ||r_base - r_uni||^2 / sum ||r_base||^2`` after the follower's attention.
+    Every layer of either model runs once per batch; a follower's attention output is kept
+    until its ``W_c`` is solved. Returns one record per follower: the least-squares fit
+    (target energy and residual per token before / after) and the relative residual-stream
+    error ``sum ||r_base - r_uni||^2 / sum ||r_base||^2`` after the follower's attention.
     """
     config = uni.config
     layout = config.superblock_layout
@@ -162,38 +171,32 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=T
                 xu[k] = ul(xu[k], uniattn_states=states[k], **kw)
             continue
         comp = ul.self_attn.compensation
-        eq = NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None)
-        err = torch.zeros(2, dtype=torch.float64)
+        eq = NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None, device=xu[0].device)
+        kept = []
         for k, p in enumerate(prep):
             kw = p.layer_kwargs(config, i)
-            ub = bl.input_layernorm(xb[k])
-            ab = bl.self_attn(hidden_states=ub, **kw)[0]
+            ab = bl.self_attn(hidden_states=bl.input_layernorm(xb[k]), **kw)[0]
             rb = _post_attention(bl, xb[k], ab, gemma)
             u = ul.input_layernorm(xu[k])
             au = ul.self_attn(u, uniattn_states=states[k], **kw)[0] - comp(u)  # without this follower's W_c
-            target = (ab - au) if gemma else (rb - _post_attention(ul, xu[k], au, gemma))
             if fit:
+                target = (ab - au) if gemma else (rb - _post_attention(ul, xu[k], au, gemma))
                 eq.add(u[p.real], target[p.real])
+            kept.append((rb, u, au))
         if fit:
             eq.all_reduce()
             x = eq.solve(ridge)
             before, after = eq.target_energy(), eq.residual(x)
-            with torch.no_grad():
-                comp.weight.copy_(x[: config.hidden_size].T.to(comp.weight.dtype))
-                if comp.bias is not None:
-                    comp.bias.copy_(x[config.hidden_size].to(comp.bias.dtype))
-        for k, p in enumerate(prep):
-            kw = p.layer_kwargs(config, i)
-            ub = bl.input_layernorm(xb[k])
-            rb = _post_attention(bl, xb[k], bl.self_attn(hidden_states=ub, **kw)[0], gemma)
-            u = ul.input_layernorm(xu[k])
-            ru = _post_attention(ul, xu[k], ul.self_attn(u, uniattn_states=states[k], **kw)[0], gemma)
+            comp.weight.copy_(x[: config.hidden_size].T.to(comp.weight.dtype))
+            if comp.bias is not None:
+                comp.bias.copy_(x[config.hidden_size].to(comp.bias.dtype))
+        err = torch.zeros(2, dtype=torch.float64, device=eq.utu.device)
+        for k, (p, (rb, u, au)) in enumerate(zip(prep, kept)):
+            ru = _post_attention(ul, xu[k], au + comp(u), gemma)
             diff, ref = (rb - ru)[p.real].double(), rb[p.real].double()
-            err += torch.stack([(diff * diff).sum().cpu(), (ref * ref).sum().cpu()])
-            xb[k] = bl(xb[k], **kw)
-            xu[k] = ul(xu[k], uniattn_states=states[k], **kw)
+            err += torch.stack([(diff * diff).sum(), (ref * ref).sum()]).to(err.device)
+            xb[k], xu[k] = _finish(bl, rb, gemma), _finish(ul, ru, gemma)
         if dist.is_available() and dist.is_initialized():
-            err = err.to(eq.utu.device)
             dist.all_reduce(err)
         row = {"layer": i, "leader": layout.leader_of(i), "stream_rel_error": float(err[0] / err[1])}
         if fit:
@@ -246,6 +249,11 @@ def run(args) -> dict:
 
     layout = uniattn_config_from(base_config, args.superblock).superblock_layout  # validates G B E early
     records = load_records(args.data)
+    if not args.include_eval_items:
+        # Calibration fits parameters: keep the evaluation tasks' held-out items out of it.
+        records, held_out = train_eval_split(records)
+        logger.info("calibration uses the training split: %d records (%d held out for evaluation)",
+                    len(records), len(held_out))
     if args.skip:
         records = records[args.skip :]
     records = records[: args.num_samples]
@@ -302,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --save_model if it exists")
     p.add_argument("--num_samples", type=int, default=256, help="calibration records to use (from the start)")
     p.add_argument("--skip", type=int, default=0, help="records to skip before taking the sample")
+    p.add_argument("--include_eval_items", action="store_true",
+                   help="also calibrate on records the evaluation tasks hold out (uniattn.eval.split)")
     p.add_argument("--max_length", type=int, default=320, help="tokens per record (prompt + response)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--tokens", choices=("all", "response"), default="all", help="which real tokens enter the fit")

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward, repeat_kv
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
 # Kernels that cannot apply Gemma-2's attention-logit soft-cap: transformers 5.17's
-# SDPA path drops the `softcap` argument silently. The model maps them to eager at
-# construction (see core.py); this guard catches a config changed behind its back.
+# SDPA path drops the `softcap` argument silently. UniAttn models map "sdpa" to
+# "uniattn_sdpa" at construction (see core.py); this guard catches a config changed
+# behind the model's back.
 NO_SOFTCAP_KERNELS = ("sdpa", "paged|sdpa")
 
 
@@ -45,6 +48,73 @@ def attention_function(module: nn.Module, softcap: float | None) -> Callable:
             "use model.set_attn_implementation('eager' | 'flash_attention_2' | 'flex_attention')"
         )
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+
+
+# Queries per sequence up to which decode builds its probability rows explicitly: the rows are
+# tiny (heads x context), a leader computes them once, and its followers then read only their own
+# V cache instead of re-reading the leader's K through a fused kernel.
+DECODE_MAX_QUERIES = 16
+
+
+def _mask_scores(scores: torch.Tensor, attention_mask) -> torch.Tensor:
+    if attention_mask is None:
+        return scores
+    if attention_mask.dtype == torch.bool:  # SDPA-style masks mark the allowed positions
+        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores + attention_mask
+
+
+def grouped_probs(query, key, attention_mask, scaling, softcap, kv_groups) -> torch.Tensor:
+    """Softmax rows ``[batch, q_heads, q_len, kv_len]`` without expanding K to every query head."""
+    b, h, q, d = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    q_grouped = query.reshape(b, kv_heads, kv_groups * q, d)  # heads of one KV group are adjacent
+    scores = torch.matmul(q_grouped, key.transpose(2, 3)).view(b, h, q, kv_len) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = _mask_scores(scores, attention_mask[..., :kv_len])
+    elif q > 1:
+        # transformers hands SDPA no mask when `is_causal` (top-left aligned) is exact; do the same.
+        causal = torch.ones(q, kv_len, dtype=torch.bool, device=scores.device).tril()
+        scores = _mask_scores(scores, causal)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+
+
+def grouped_apply(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``P @ V`` for GQA without expanding V; returns ``[batch, q_len, q_heads, head_dim]``."""
+    b, h, q, kv_len = probs.shape
+    kv_heads = value.shape[1]
+    out = torch.matmul(probs.reshape(b, kv_heads, (h // kv_heads) * q, kv_len), value.to(probs.dtype))
+    return out.view(b, h, q, -1).transpose(1, 2)
+
+
+GROUPED_SDPA = "uniattn_sdpa"
+
+
+def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           sliding_window=None, softcap=None, **kwargs):
+    """SDPA for prefill and training; explicit grouped rows (returned as the weights) for decode.
+
+    Registered as attn_implementation ``"uniattn_sdpa"`` (with SDPA's masks), so stock
+    transformers models can use it too. Decode reads K and V once per KV head instead of
+    once per query head (transformers' SDPA path expands them when a mask is present), and
+    the returned rows let UniAttn followers skip Q K^T altogether. Soft-capped models
+    (Gemma-2), which SDPA cannot serve, take the explicit path at every length.
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    decoding = q_len <= DECODE_MAX_QUERIES and kv_len > q_len and not module.training
+    if decoding or softcap is not None:
+        scaling = module.head_dim ** -0.5 if scaling is None else scaling
+        probs = grouped_probs(query, key, attention_mask, scaling, softcap, module.num_key_value_groups)
+        if dropout and module.training:
+            probs = nn.functional.dropout(probs, p=dropout, training=True)
+        return grouped_apply(probs, value).contiguous(), probs
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
 
 
 @dataclass
@@ -167,9 +237,8 @@ class FollowerAttention(nn.Module):
             _, value_states = past_key_values.update(value_states[..., :0], value_states, self.layer_idx)
 
         if state.probs is not None:
-            # Reference path: the leader materialised P (eager), reuse it as is.
-            values = repeat_kv(value_states, self.num_key_value_groups).to(state.probs.dtype)
-            attn_output = torch.matmul(state.probs, values).transpose(1, 2).contiguous()
+            # The leader materialised P (eager reference, or decode rows): reuse it as is.
+            attn_output = grouped_apply(state.probs, value_states)
         else:
             # P_leader @ V == attn(Q_leader, K_leader, V) with the leader's mask, scale, window and cap,
             # so the fused kernel gives it without building P.

@@ -19,13 +19,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
-from transformers.utils import logging
 
-from .attention import NO_SOFTCAP_KERNELS, FollowerAttention
+from .attention import GROUPED_SDPA, NO_SOFTCAP_KERNELS, FollowerAttention
 from .cache import make_value_only
 from .layout import FOLLOWER, LEADER, SuperBlockLayout
-
-logger = logging.get_logger(__name__)
 
 
 class UniAttnPreTrainedMixin:
@@ -40,15 +37,9 @@ class UniAttnPreTrainedMixin:
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         impl = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
-        softcap = getattr(self.config, "attn_logit_softcapping", None)
-        if softcap is not None and impl in NO_SOFTCAP_KERNELS:
-            logger.warning_once(
-                f"attn_implementation={impl!r} cannot apply the attention soft-cap ({softcap}) of this model "
-                "(transformers drops it silently), so UniAttn uses 'eager'. 'flash_attention_2' and "
-                "'flex_attention' are fused kernels that honour it."
-            )
-            return "eager"
-        return impl
+        # "sdpa" becomes SDPA for prefill plus grouped explicit decode: followers then reuse the
+        # leader's probability rows, and Gemma-2's soft-cap (which SDPA drops) is honoured.
+        return GROUPED_SDPA if impl in NO_SOFTCAP_KERNELS else impl
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):

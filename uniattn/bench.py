@@ -1,0 +1,399 @@
+"""GPU benchmark: stock transformers against UniAttn, side by side, in one process.
+
+    python -m uniattn.bench --out docs/bench [--quick]
+
+Models with the shapes of LLaMA-3.1-8B (layouts 4 16 33, 2 16 32, 4 0 32),
+Mistral-7B and Gemma-2-9B, random bf16 weights (no checkpoint needed). The
+UniAttn model shares every weight tensor with the stock one (only W_c is new),
+so both fit on one GPU at once. Figures: KV-cache bytes; prefill latency;
+decode ms/token (eager with static and dynamic cache, compiled with static
+cache); generate() tokens/s; peak memory; the largest batch that fits at a
+context. Every decode figure also comes as the UniAttn/stock ratio next to the
+ideal ratio of a byte model (weights + KV bytes read per step over the measured
+copy bandwidth) and as the fraction of that bandwidth limit reached. Times are
+medians of repeated runs with CUDA events after warm-up. Writes
+``OUT.md`` (markdown tables with the command, card and versions) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig, StaticCache
+
+import uniattn
+from uniattn.convert import uniattn_config_from
+from uniattn.modeling.cache import cache_nbytes, make_value_only
+
+SHAPES = {
+    "llama3.1-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                                      max_position_embeddings=131072)),
+    "mistral-7b": (MistralConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                       sliding_window=None, max_position_embeddings=32768)),
+    "gemma2-9b": (Gemma2Config, dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+                                     query_pre_attn_scalar=256, sliding_window=4096, max_position_embeddings=8192)),
+}
+
+
+# ------------------------------------------------------------------ timing helpers
+def cuda_median_ms(fn, repeat=10, warmup=3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), 4 GiB buffers."""
+    src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_median_ms(lambda: dst.copy_(src), repeat=20)
+    nbytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    return nbytes / (ms / 1e3)
+
+
+def free():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ models
+def build_pair(shape: str, layout, attn: str = "sdpa"):
+    """A random bf16 stock model and a UniAttn model that shares its modules (only W_c is new)."""
+    cls, kw = SHAPES[shape]
+    config = cls(**kw, dtype=torch.bfloat16)
+    config._attn_implementation = attn
+    stock_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                   "gemma2": transformers.Gemma2ForCausalLM}[config.model_type]
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            stock = stock_class(config).eval()
+        for p in stock.parameters():
+            p.data.normal_(0, 0.02)
+        uconfig = uniattn_config_from(config, layout)
+        uconfig._attn_implementation = attn
+        with torch.device("meta"):
+            uni = uniattn.UNIATTN_FAMILIES[config.model_type][1](uconfig).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for name in ("embed_tokens", "norm", "rotary_emb"):
+        setattr(uni.model, name, getattr(stock.model, name))
+    uni.lm_head = stock.lm_head
+    for sl, ul in zip(stock.model.layers, uni.model.layers):
+        for name, module in sl.named_children():
+            if name != "self_attn":
+                setattr(ul, name, module)
+        attn_u, attn_s = ul.self_attn, sl.self_attn
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if hasattr(attn_u, proj):
+                setattr(attn_u, proj, getattr(attn_s, proj))
+        if hasattr(attn_u, "compensation"):
+            h = config.hidden_size
+            attn_u.compensation = torch.nn.Linear(h, h, bias=False, device="cuda", dtype=torch.bfloat16)
+            attn_u.compensation.weight.data.normal_(0, 0.01)
+    leftover = [n for n, t in list(uni.named_parameters()) + list(uni.named_buffers()) if t.is_meta]
+    assert not leftover, leftover
+    return stock, uni
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def filled_static_cache(model, batch: int, context: int, max_len: int, randomise: bool = True):
+    """A static cache that already holds ``context`` tokens (random K/V), without running a prefill."""
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    if hasattr(model.config, "superblock_layout"):
+        make_value_only(cache, model.config.superblock_layout)
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(batch_size=batch, num_heads=cfg.num_key_value_heads, head_dim=hd,
+                               dtype=torch.bfloat16, device=torch.device("cuda"))
+    for layer in cache.layers:
+        if randomise:
+            layer.values.normal_()
+            if layer.keys.numel():
+                layer.keys.normal_()
+        layer.cumulative_length.fill_(min(context, layer.max_cache_len))
+        if hasattr(layer, "cumulative_length_int"):
+            layer.cumulative_length_int = context
+    return cache
+
+
+def filled_dynamic_cache(model, batch: int, context: int):
+    cache = DynamicCache(config=model.config)
+    if hasattr(model.config, "superblock_layout"):
+        make_value_only(cache, model.config.superblock_layout)
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for layer in cache.layers:
+        n = min(context, layer.sliding_window - 1) if getattr(layer, "is_sliding", False) else context
+        v = torch.randn(batch, cfg.num_key_value_heads, n, hd, dtype=torch.bfloat16, device="cuda")
+        k = v[..., :0] if getattr(layer, "value_only", False) else torch.randn_like(v)
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = context
+    return cache
+
+
+def decode_ms(model, batch, context, mode, compiled_fns) -> float:
+    ids = torch.randint(0, 1000, (batch, 1), device="cuda")
+    pos = torch.full((batch, 1), context, device="cuda")
+    if mode == "dynamic":
+        cache = filled_dynamic_cache(model, batch, context)
+
+        def step():
+            model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            for layer in cache.layers:  # keep the context fixed across repeats
+                if getattr(layer, "is_sliding", False):
+                    layer.cumulative_length -= 1  # the layer already trimmed itself to the window
+                else:
+                    layer.keys, layer.values = layer.keys[..., :-1, :], layer.values[..., :-1, :]
+        return cuda_median_ms(step)
+    cache = filled_static_cache(model, batch, context, context + 64)
+    fn = model.forward
+    if mode == "compiled":
+        key = id(model)
+        if key not in compiled_fns:
+            compiled_fns[key] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        fn = compiled_fns[key]
+
+    def step():
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(min(context, layer.max_cache_len))
+            if hasattr(layer, "cumulative_length_int"):
+                layer.cumulative_length_int = context
+        fn(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cuda_median_ms(step, repeat=10, warmup=3 if mode != "compiled" else 5)
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per = cfg.num_key_value_heads * hd * 2  # bf16
+    tensors = 2 * cfg.num_hidden_layers
+    if hasattr(cfg, "superblock_layout"):
+        tensors -= len(cfg.superblock_layout.followers)
+    return tensors * per
+
+
+# ------------------------------------------------------------------ main
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/bench")
+    p.add_argument("--quick", action="store_true", help="fewer points")
+    p.add_argument("--part", choices=("all", "main", "others"), default="all",
+                   help="main: LLaMA-3.1-8B 4 16 33 in full; others: the other layouts and models (appends)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--minutes", type=float, default=8.0, help="time budget; later points are skipped past it")
+    args = p.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64  # one graph per (kernel, batch, context)
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"env": {
+        "command": "python -m uniattn.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True).stdout.strip(),
+        "commit": git_rev(),
+    }, "rows": []}
+    bw = copy_bandwidth()
+    results["env"]["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
+    print(json.dumps(results["env"]), flush=True)
+    main_run = ("llama3.1-8b", (4, 16, 33))
+    others = [("llama3.1-8b", (2, 16, 32)), ("llama3.1-8b", (4, 0, 32)), ("mistral-7b", (4, 16, 33)),
+              ("gemma2-9b", (4, 21, 43))]
+    runs = {"all": [main_run, *others], "main": [main_run], "others": others}[args.part]
+    if out.with_suffix(".json").exists() and args.part == "others":  # append to the main part's results
+        results["rows"] = json.loads(out.with_suffix(".json").read_text())["rows"]
+    deadline = time.time() + args.minutes * 60
+    for shape, layout in runs:
+        if time.time() > deadline:
+            print(f"deadline reached: {shape} {layout} not measured", flush=True)
+            break
+        stock, uni = build_pair(shape, layout)
+        is_main = (shape, layout) == main_run
+        rows = measure(shape, layout, stock, uni, bw, full=is_main and not args.quick,
+                       compile_=not args.no_compile and is_main, deadline=deadline)
+        results["rows"].extend(rows)
+        del stock, uni
+        free()
+        write(out, results)
+    print(f"wrote {out}.md and {out}.json")
+    return 0
+
+
+VARIANTS = ("stock", "stock_grouped", "uniattn")  # stock SDPA, stock on UniAttn's grouped decode kernel, UniAttn
+
+
+def _run_variants(stock, uni, fn):
+    """``fn(model)`` for the three variants; the stock model switches kernels in between."""
+    res = {}
+    for name in VARIANTS:
+        model = uni if name == "uniattn" else stock
+        if model is stock:
+            stock.set_attn_implementation("uniattn_sdpa" if name == "stock_grouped" else "sdpa")
+        res[name] = fn(model)
+        free()
+    stock.set_attn_implementation("sdpa")
+    return res
+
+
+def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
+    rows = []
+    tag = f"{shape} {' '.join(map(str, layout))}"
+    w_stock, w_uni = weight_bytes(stock), weight_bytes(uni)
+    kv_s, kv_u = kv_bytes_per_token(stock), kv_bytes_per_token(uni)
+    rows.append({"what": "kv_bytes_per_token", "model": tag, "stock": kv_s, "uniattn": kv_u})
+    rows.append({"what": "weight_bytes", "model": tag, "stock": w_stock, "uniattn": w_uni})
+    for n in ((1024, 4096, 16384) if full else (4096,)):
+        ids = torch.randint(0, 1000, (1, n), device="cuda")
+        peaks = {}
+
+        def prefill(model):
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                ms = cuda_median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), repeat=5, warmup=2)
+            peaks[id(model), model.config._attn_implementation] = torch.cuda.max_memory_allocated() / 2**30
+            return ms
+
+        res = _run_variants(stock, uni, prefill)
+        res["stock_peak_GiB"] = peaks[id(stock), "sdpa"]
+        res["uniattn_peak_GiB"] = peaks[id(uni), uni.config._attn_implementation]
+        rows.append({"what": "prefill_ms", "model": tag, "batch": 1, "context": n, **res})
+        print(rows[-1], flush=True)
+    reference = [(1, 4096), (16, 4096), (8, 16384), (4, 32768)]
+    plan = [("static", p) for p in ([(1, 4096), (8, 4096), (16, 4096), (64, 4096), (1, 16384), (8, 16384), (4, 32768)]
+                                    if full else [(16, 4096), (8, 16384)])]
+    if full:
+        plan += [("dynamic", p) for p in reference[:2]]
+    if compile_:
+        plan += [("compiled", p) for p in ((1, 4096), (8, 16384))]  # each shape and kernel compiles anew
+    compiled = {}
+    for mode, (batch, ctx) in plan:
+        if time.time() > deadline:
+            print("deadline reached: skipping the remaining decode points", flush=True)
+            break
+        ideal_s, ideal_u = w_stock + batch * ctx * kv_s, w_uni + batch * ctx * kv_u
+        try:
+            with torch.no_grad():
+                res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, mode, compiled))
+        except torch.cuda.OutOfMemoryError:
+            free()
+            rows.append({"what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, "oom": True})
+            continue
+        rows.append({
+            "what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, **res,
+            "ratio": res["uniattn"] / res["stock"], "method_ratio": res["uniattn"] / res["stock_grouped"],
+            "ideal_ratio": ideal_u / ideal_s,
+            "stock_bw_frac": ideal_s / bw / (res["stock"] / 1e3),
+            "stock_grouped_bw_frac": ideal_s / bw / (res["stock_grouped"] / 1e3),
+            "uniattn_bw_frac": ideal_u / bw / (res["uniattn"] / 1e3),
+            "limit_ms_stock": ideal_s / bw * 1e3, "limit_ms_uniattn": ideal_u / bw * 1e3,
+        })
+        print(rows[-1], flush=True)
+    if full and time.time() < deadline:
+        ids = torch.randint(0, 1000, (8, 1024), device="cuda")
+        mask = torch.ones_like(ids)
+
+        def gen(model):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=128, min_new_tokens=128, do_sample=False,
+                               pad_token_id=0)
+            torch.cuda.synchronize()
+            return 8 * 128 / (time.perf_counter() - t)
+
+        rows.append({"what": "generate_tokens_per_s", "model": tag, "batch": 8, "prompt": 1024, "new": 128,
+                     **_run_variants(stock, uni, gen)})
+        print(rows[-1], flush=True)
+        res = {name: largest_batch(m, 16384, deadline) for name, m in (("stock", stock), ("uniattn", uni))}
+        rows.append({"what": "largest_batch", "model": tag, "context": 16384, **res})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def largest_batch(model, context, deadline) -> int:
+    """Largest batch whose static cache plus one decode step fits, by bisection from the byte estimate."""
+    pos = lambda b: torch.full((b, 1), context, device="cuda")
+
+    def fits(b):
+        cache = None
+        try:
+            cache = filled_static_cache(model, b, context, context + 8, randomise=False)
+            with torch.no_grad():
+                model(input_ids=torch.zeros(b, 1, dtype=torch.long, device="cuda"), position_ids=pos(b),
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del cache
+            free()
+
+    free_bytes = torch.cuda.mem_get_info()[0]
+    estimate = max(1, int(free_bytes / (context * kv_bytes_per_token(model))))
+    lo, hi = max(1, estimate // 2), estimate + estimate // 4 + 1
+    if not fits(lo):
+        return 0
+    while hi - lo > 1 and time.time() < deadline:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def write(out: Path, results: dict) -> None:
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.rename(out.with_suffix(".json"))
+    from .bench_report import render
+
+    md = out.with_suffix(".md.tmp")
+    md.write_text(render(results, out))
+    md.rename(out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
