@@ -10,4 +10,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -r requirements-test.txt -r requirements-eval.txt -e .
+"$VENV/bin/python" -m pip install -q -r requirements-test.txt -r requirements-eval.txt -r requirements-train.txt -e .

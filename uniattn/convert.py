@@ -52,15 +52,23 @@ def follower_qk_keys(layout) -> set[str]:
 def load_converted(base_dir, superblock, dtype="auto"):
     """Load a plain checkpoint straight into a UniAttn model (``W_c = 0``); returns (model, config)."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
     from .modeling import UNIATTN_FAMILIES
 
     base_config = AutoConfig.from_pretrained(base_dir)
     config = uniattn_config_from(base_config, superblock)
     _, model_class = UNIATTN_FAMILIES[base_config.model_type]
-    model, info = model_class.from_pretrained(
-        base_dir, config=config, dtype=_DTYPES.get(dtype, dtype), output_loading_info=True
-    )
+    # transformers reports the dropped follower Q/K and the new W_c as a loading problem;
+    # they are expected, and checked exactly below, so its report is silenced here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = model_class.from_pretrained(
+            base_dir, config=config, dtype=_DTYPES.get(dtype, dtype), output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     layout = config.superblock_layout
     expected_missing = {f"model.layers.{i}.self_attn.compensation.{w}" for i in layout.followers for w in ("weight", "bias")}
     missing = set(info["missing_keys"]) - expected_missing

@@ -1,6 +1,7 @@
 """Mean next-token loss on the response tokens of SFT records, for one or more checkpoints.
 
     python -m uniattn.loss_eval CKPT [CKPT ...] --data FILE --skip 900 --limit 32 --max-length 320
+    python -m uniattn.loss_eval CKPT ... --data FILE --split eval --limit 16   # items no training run sees
 
 Prints a markdown table (checkpoint, loss, perplexity, tokens). This is the
 objective the method's reference figures use (UNIATTN.md section 4).
@@ -49,12 +50,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--data", required=True, help="JSON / JSONL SFT records")
+    parser.add_argument("--split", choices=("all", "train", "eval"), default="all",
+                        help="keep only one side of the fixed evaluation split (uniattn.eval.split) first")
     parser.add_argument("--skip", type=int, default=0, help="records to skip first (e.g. the calibration ones)")
     parser.add_argument("--limit", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
-    records = load_records(args.data)[args.skip : args.skip + args.limit]
+    records = load_records(args.data)
+    if args.split != "all":
+        from .eval.split import train_eval_split
+
+        records = train_eval_split(records)[0 if args.split == "train" else 1]
+    records = records[args.skip : args.skip + args.limit]
     if not records:
         print(f"error: --skip {args.skip} leaves no records in {args.data}", file=sys.stderr)
         return 2

@@ -1,0 +1,485 @@
+"""Post-training on the Hugging Face Trainer with DeepSpeed: plain, softmax and UniAttn fine-tuning.
+
+    deepspeed --num_gpus N --module uniattn.train --mode uniattn --model_dir BASE \\
+        --data dataset/pmc_llama_instructions_1000.json --superblock 4 14 30 \\
+        --init_path INIT.safetensors --output_dir outputs/uniattn [--max_steps 5 ...]
+
+Modes (UNIATTN.md section 5):
+
+* ``plain``: ordinary full fine-tuning of the checkpoint.
+* ``softmax``: convert to SuperBlocks ``G B E`` and fine-tune everything except
+  the compensation, which stays at zero (frozen, not trained): the seed's
+  "Softmax unification only" baseline.
+* ``uniattn``: convert, load ``W_c`` from the init-calc file, then two stages in
+  one command with the same data and schedule: stage 1 trains only the ``W_c``
+  tensors (everything else ``requires_grad=False``), stage 2 trains everything,
+  starting from stage 1's result.
+
+Hyper-parameters come from the preset in ``configs/`` that matches the model
+(see ``uniattn.presets``); any ``TrainingArguments`` flag overrides it. The
+loss covers response tokens only; batches are padded to their longest example.
+bf16 on GPU, float32 on a CPU-only machine.
+
+Restarting the same command resumes: finished stages (a ``final`` folder) are
+skipped, an unfinished one resumes from its newest checkpoint, which is checked
+first (see ``uniattn.resume``). Every checkpoint is a loadable model with its
+tokenizer (UniAttn ones carry ``auto_map`` and their code). Arguments, data,
+init file and checkpoints are all checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback,
+                          TrainingArguments)
+
+import uniattn  # noqa: F401  (registers the UniAttn classes, so every save carries auto_map)
+
+from .convert import load_converted, uniattn_config_from
+from .data import IGNORE_INDEX, collate, default_data_file, load_records, tokenize
+from .eval.split import train_eval_split
+from .init_file import load_init, read_metadata
+from .modeling import UNIATTN_FAMILIES
+from .presets import CONFIGS_DIR, read_preset, select_preset
+from .resume import CheckpointError, check_run_file, resume_point, write_run_file
+
+logger = logging.getLogger(__name__)
+
+MODES = ("plain", "softmax", "uniattn")
+REPO_DIR = CONFIGS_DIR.parent
+# Flags of this script; everything else is a TrainingArguments flag.
+SCRIPT_FLAGS = ("mode", "model_dir", "data", "superblock", "init_path", "preset", "max_length",
+                "effective_batch_size", "attn_implementation", "check_only", "include_eval_items")
+TEST_KILL_ENV = "UNIATTN_TEST_SIGKILL_AFTER_SAVE"
+
+
+class UsageError(ValueError):
+    """A bad argument combination; the message names the value and the fix."""
+
+
+@dataclass
+class Stage:
+    name: str             # "train" (plain / softmax), "stage1", "stage2" (uniattn)
+    trainer_dir: Path     # where the Trainer writes checkpoint-N
+    final: Path           # the stage's finished model
+    trainable: str        # "all", "all_but_compensation", "compensation"
+
+
+def plan_stages(mode: str, out: Path) -> list[Stage]:
+    if mode == "plain":
+        return [Stage("train", out, out / "final", "all")]
+    if mode == "softmax":
+        return [Stage("train", out, out / "final", "all_but_compensation")]
+    return [
+        Stage("stage1", out / "stage1", out / "stage1" / "final", "compensation"),
+        Stage("stage2", out / "stage2", out / "final", "all"),
+    ]
+
+
+# ---------------------------------------------------------------- arguments
+def build_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(TrainingArguments, description=__doc__, allow_abbrev=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("UniAttn")
+    g.add_argument("--mode", required=True, choices=MODES, help="plain | softmax | uniattn (see above)")
+    g.add_argument("--model_dir", required=True, help="plain Hugging Face checkpoint (LLaMA, Mistral, Gemma-2)")
+    g.add_argument("--data", default=str(default_data_file("pmc")), help="SFT records, JSON list or JSONL")
+    g.add_argument("--superblock", nargs=3, type=int, metavar=("G", "B", "E"),
+                   help="SuperBlock layout (softmax, uniattn)")
+    g.add_argument("--init_path", help="init-calc output with the closed-form W_c (uniattn)")
+    g.add_argument("--preset", help="YAML preset (default: the file in configs/ that matches the model)")
+    g.add_argument("--max_length", type=int, default=1024, help="tokens per example (prompt + response)")
+    g.add_argument("--effective_batch_size", type=int, default=48,
+                   help="examples per optimizer step; sets --gradient_accumulation_steps unless that is given")
+    g.add_argument("--attn_implementation", default=None, help="sdpa | eager | flash_attention_2 | flex_attention")
+    g.add_argument("--check_only", action="store_true", help="check everything, train nothing, write nothing")
+    g.add_argument("--include_eval_items", action="store_true",
+                   help="also train on records the evaluation tasks hold out (uniattn.eval.split)")
+    return parser
+
+
+def _explicit_flags(argv: list[str]) -> set[str]:
+    return {tok[2:].split("=", 1)[0].replace("-", "_") for tok in argv if tok.startswith("--")}
+
+
+def _resolve_repo_path(value: str | None) -> str | None:
+    # Presets name repo files (configs/ds_zero2.json) relative to the repo, not to the caller's directory.
+    if value and not Path(value).exists() and (REPO_DIR / value).exists():
+        return str(REPO_DIR / value)
+    return value
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, object]:
+    """(script args, TrainingArguments kwargs, model config); preset values fill what the flags leave out."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --mode must not read as --model_dir
+    pre.add_argument("--model_dir")
+    pre.add_argument("--preset")
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(argv)
+    if known.model_dir is None:
+        parser.error("the following arguments are required: --model_dir")
+    config = load_model_config(known.model_dir)
+    preset = read_preset(known.preset) if known.preset else select_preset(config)
+    dests = {a.dest for a in parser._actions}
+    unknown = sorted(set(preset.training) - dests)
+    if unknown:
+        raise UsageError(f"preset {preset.path} sets unknown flags {unknown}; see `python -m uniattn.train --help`")
+    parser.set_defaults(**preset.training)
+    ns = parser.parse_args(argv)
+    explicit = _explicit_flags(argv)
+    script = argparse.Namespace(**{k: getattr(ns, k) for k in SCRIPT_FLAGS}, preset_path=str(preset.path),
+                                output_dir_given="output_dir" in explicit)
+    names = {f.name for f in fields(TrainingArguments) if f.init}
+    targs = {k: v for k, v in vars(ns).items() if k in names}
+    targs["deepspeed"] = _resolve_repo_path(targs.get("deepspeed"))
+    if targs["deepspeed"] and not Path(targs["deepspeed"]).is_file():
+        raise UsageError(f"DeepSpeed config {targs['deepspeed']} does not exist; pass --deepspeed configs/ds_zero2.json")
+    if targs.get("bf16") and not torch.cuda.is_available() and "bf16" not in explicit:
+        logger.info("no GPU: training in float32 (the preset's bf16 applies on GPU)")
+        targs["bf16"] = False
+    if not torch.cuda.is_available() and "use_cpu" not in explicit:
+        # Without it accelerate sees no backend on a CPU-only machine and counts one process, so
+        # DeepSpeed's batch arithmetic breaks with two; with it, ranks join over gloo.
+        targs["use_cpu"] = True
+        if "dataloader_pin_memory" not in explicit:
+            targs["dataloader_pin_memory"] = False  # nothing to pin to without a GPU
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if "gradient_accumulation_steps" not in explicit:
+        per_step = targs["per_device_train_batch_size"] * world
+        targs["gradient_accumulation_steps"] = max(1, round(script.effective_batch_size / per_step))
+        got = per_step * targs["gradient_accumulation_steps"]
+        if got != script.effective_batch_size:
+            logger.warning("effective batch %d is not a multiple of %d per device x %d processes; using %d",
+                           script.effective_batch_size, targs["per_device_train_batch_size"], world, got)
+    if "gradient_checkpointing_kwargs" not in explicit:
+        targs["gradient_checkpointing_kwargs"] = {"use_reentrant": False}  # UniAttn needs non-re-entrant
+    targs["remove_unused_columns"] = False  # our dataset yields token lists, not named columns
+    if "use_cache" not in explicit:
+        # The Trainer writes this into the model config, hence into every checkpoint: keep inference's KV
+        # cache on there; training turns it off per batch (collate_for_training).
+        targs["use_cache"] = True
+    return script, targs, config
+
+
+def load_model_config(model_dir: str):
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"MODEL_DIR {model_dir} has no config.json; pass a Hugging Face checkpoint directory")
+    config = AutoConfig.from_pretrained(path)
+    supported = set(UNIATTN_FAMILIES) | {f"uniattn_{f}" for f in UNIATTN_FAMILIES}
+    if config.model_type not in supported:
+        raise UsageError(f"model_type {config.model_type!r} of {model_dir} is not supported; "
+                         f"use one of {sorted(UNIATTN_FAMILIES)}")
+    return config
+
+
+# ---------------------------------------------------------------- checks before anything is written
+@dataclass
+class Checked:
+    records: list
+    tokenizer: object
+    init_tensors: dict | None
+    resume: dict          # stage name -> checkpoint path or None
+    identity: dict
+    finished: bool
+
+
+def check_everything(script, targs: dict, config) -> Checked:
+    if not script.output_dir_given:
+        raise UsageError("--output_dir is required (OUTPUT_DIR in the scripts)")
+    mode, out = script.mode, Path(targs["output_dir"])
+    if mode == "plain" and script.superblock:
+        raise UsageError("--superblock is for --mode softmax / uniattn; plain fine-tuning keeps the architecture")
+    if mode != "plain" and not script.superblock:
+        raise UsageError(f"--mode {mode} needs --superblock G B E (e.g. 4 14 30)")
+    if mode != "uniattn" and script.init_path:
+        raise UsageError(f"--init_path is only used by --mode uniattn, not {mode}")
+    init_tensors = None
+    if mode != "plain":
+        uni_config = uniattn_config_from(config, tuple(script.superblock))  # rejects a bad layout, names the fix
+        logger.info("%s", uni_config.superblock_layout.describe())
+        if mode == "uniattn":
+            if not script.init_path:
+                raise UsageError("--mode uniattn needs --init_path (INIT_PATH): the output of "
+                                 "scripts/train_deepspeed-init_calc.sh for this model and layout")
+            init_tensors = load_init(script.init_path, uni_config)
+            _check_init_tensors(init_tensors, uni_config, script)
+    if script.max_length < 2:
+        raise UsageError(f"--max_length {script.max_length} is too small; the seed uses 1024")
+    records = load_records(script.data)
+    if not script.include_eval_items:
+        # The lm-eval tasks are built from held-out PMC-LLaMA items: never train on them.
+        records, held_out = train_eval_split(records)
+        if not records:
+            raise UsageError(f"every record of {script.data} is an evaluation item (uniattn.eval.split); "
+                             "pass --include_eval_items to train on them anyway")
+        logger.info("training split: %d records (%d held out for evaluation)", len(records), len(held_out))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(script.model_dir)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"no tokenizer could be loaded from {script.model_dir} ({err}); the checkpoint needs one") from err
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"the tokenizer of {script.model_dir} has no EOS token; the response labels end with it")
+    _check_lengths(records, tokenizer, script)
+    identity = {
+        "mode": mode,
+        "model_dir": str(Path(script.model_dir).resolve()),
+        "data": str(Path(script.data).resolve()),
+        "superblock": list(script.superblock) if script.superblock else None,
+        "init_path": str(Path(script.init_path).resolve()) if script.init_path else None,
+    }
+    check_run_file(out, identity)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    resume, finished = {}, True
+    stages = plan_stages(mode, out)
+    for i, stage in enumerate(stages):
+        if stage.final.is_dir():
+            resume[stage.name] = None
+            continue
+        finished = False
+        later = stages[i + 1:]
+        if any(s.final.is_dir() or resume_point(s.trainer_dir, world, bool(targs["deepspeed"])) for s in later):
+            raise CheckpointError(f"{out} has results of a stage after {stage.name} but not {stage.final}; "
+                                  "delete OUTPUT_DIR to start over")
+        resume[stage.name] = resume_point(stage.trainer_dir, world, bool(targs["deepspeed"]))
+        break
+    return Checked(records, tokenizer, init_tensors, resume, identity, finished)
+
+
+def _check_init_tensors(tensors: dict, config, script) -> None:
+    """Names and shapes must be this model's W_c (load_init checks the layout and model identity)."""
+    bias = getattr(config, "attention_bias", False)
+    want = {f"model.layers.{i}.self_attn.compensation.{w}": (config.hidden_size,) * (2 if w == "weight" else 1)
+            for i in config.superblock_layout.followers for w in (("weight", "bias") if bias else ("weight",))}
+    wrong = [f"{k} {tuple(v.shape)}" for k, v in tensors.items() if want.get(k) != tuple(v.shape)]
+    if wrong:
+        raise UsageError(f"init file {script.init_path} holds tensors this model does not have or in another shape "
+                         f"({', '.join(wrong[:3])}); rerun init calc for this model")
+    base = read_metadata(script.init_path).get("base_model")
+    if base and Path(base).resolve() != Path(script.model_dir).resolve():
+        logger.warning("init file %s was computed from %s, not from %s; the shapes and layout match, so it is used",
+                       script.init_path, base, script.model_dir)
+
+
+def _check_lengths(records, tokenizer, script, probe: int = 64) -> None:
+    """Refuse a max_length that cuts every response away (the loss would be empty); warn when it cuts many."""
+    sample = records[:probe]
+    empty = sum(all(l == IGNORE_INDEX for l in tokenize(r, tokenizer, script.max_length).labels) for r in sample)
+    if empty == len(sample):
+        raise UsageError(f"--max_length {script.max_length} leaves no response token in the first {len(sample)} "
+                         f"records of {script.data} (the prompts are longer); raise it (the seed uses 1024)")
+    if empty > len(sample) // 4:
+        logger.warning("--max_length %d cuts the whole response of %d of the first %d records; they add no loss",
+                       script.max_length, empty, len(sample))
+
+
+# ---------------------------------------------------------------- data, model, stages
+class SFTDataset(torch.utils.data.Dataset):
+    """Alpaca-style records, tokenised on access (response-only labels, see ``uniattn.data.tokenize``)."""
+
+    def __init__(self, records, tokenizer, max_length):
+        self.records, self.tokenizer, self.max_length = records, tokenizer, max_length
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return tokenize(self.records[i], self.tokenizer, self.max_length)
+
+
+def collate_for_training(examples, pad_token_id: int) -> dict:
+    batch = collate(examples, pad_token_id)
+    # No KV cache while training, asked per batch so the saved configs keep use_cache on for inference.
+    batch["use_cache"] = False
+    return batch
+
+
+def copy_compensation(model, tensors: dict) -> None:
+    """Copy the init file's W_c into the model (gathering the ZeRO-3 shards while writing)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    params = dict(model.named_parameters())
+    targets = [params[n] for n in tensors]
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(targets, modifier_rank=0)
+    else:
+        ctx = nullcontext()
+    with ctx, torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+@contextmanager
+def _quiet(name: str):
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
+    if stage.name == "stage2":
+        model = AutoModelForCausalLM.from_pretrained(stages[0].final, dtype=dtype)
+    elif script.mode == "plain":
+        model = AutoModelForCausalLM.from_pretrained(script.model_dir, dtype=dtype)
+    else:
+        # load_converted checks the dropped / new keys itself; the stock load report would list them as
+        # UNEXPECTED / MISSING and alarm the reader for nothing.
+        with _quiet("transformers.modeling_utils"):
+            model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype)
+        if init_tensors is not None:
+            copy_compensation(model, init_tensors)
+    if script.attn_implementation:
+        model.set_attn_implementation(script.attn_implementation)
+    for name, p in model.named_parameters():
+        is_wc = ".compensation." in name
+        if stage.trainable == "compensation":
+            p.requires_grad_(is_wc)
+        elif stage.trainable == "all_but_compensation":
+            p.requires_grad_(not is_wc)  # softmax mode: W_c stays at its zero init
+        else:
+            p.requires_grad_(True)
+    size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 leaves only a shard's numel)
+    n_train = sum(size(p) for p in model.parameters() if p.requires_grad)
+    n_all = sum(size(p) for p in model.parameters())
+    logger.info("%s: training %s of %s parameters (%s)", stage.name, f"{n_train:,}", f"{n_all:,}", stage.trainable)
+    return model
+
+
+class _SigkillAfterSave(TrainerCallback):
+    """Test hook: ``UNIATTN_TEST_SIGKILL_AFTER_SAVE=stage:step`` SIGKILLs every rank once that checkpoint is saved."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()  # rank 0 has finished writing the checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _callbacks(stage: Stage) -> list:
+    spec = os.environ.get(TEST_KILL_ENV, "")
+    name, _, step = spec.partition(":")
+    return [_SigkillAfterSave(int(step))] if spec and name == stage.name else []
+
+
+def publish_final(trainer: Trainer, final: Path, info: dict) -> None:
+    """Save the trained model under a temporary name, then rename it: ``final`` only ever appears complete."""
+    staged = final.parent / f".{final.name}.partial"
+    if trainer.args.should_save:
+        shutil.rmtree(staged, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staged))  # every rank: ZeRO-3 gathers the weights
+    if trainer.args.should_save:
+        (staged / "training_args.bin").unlink(missing_ok=True)
+        (staged / "uniattn_train.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        staged.rename(final)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train(script, targs: dict, checked: Checked) -> Path:
+    out = Path(targs["output_dir"])
+    stages = plan_stages(script.mode, out)
+    dataset = SFTDataset(checked.records, checked.tokenizer, script.max_length)
+    tokenizer = checked.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss anyway
+    collator = partial(collate_for_training, pad_token_id=tokenizer.pad_token_id)
+    dtype = torch.bfloat16 if targs.get("bf16") else torch.float32
+    for stage in stages:
+        if stage.final.is_dir():
+            logger.info("%s already finished (%s); not training it again", stage.name, stage.final)
+            continue
+        # TrainingArguments first: with ZeRO-3 it makes from_pretrained partition the weights as they load.
+        args = TrainingArguments(**{**targs, "output_dir": str(stage.trainer_dir)})
+        if args.deepspeed:
+            import deepspeed
+
+            # On CPU accelerate joins the ranks over gloo itself; DeepSpeed's comm layer must wrap that group
+            # before ZeRO-3's zero.Init runs in from_pretrained, or it counts one process. No-op on GPU.
+            deepspeed.init_distributed()
+        if args.should_save:
+            write_run_file(out, checked.identity)
+        model = build_model(script, stage, stages, dtype, checked.init_tensors)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          processing_class=tokenizer, callbacks=_callbacks(stage))
+        resume = checked.resume.get(stage.name)
+        if resume:
+            logger.info("%s: resuming from %s", stage.name, resume)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # From the log history, which survives a resume (the Trainer's own average does not).
+        losses = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
+        info = {**checked.identity, "stage": stage.name, "trainable": stage.trainable,
+                "global_step": result.global_step, "logged_losses": losses,
+                "world_size": args.world_size, "preset": script.preset_path}
+        publish_final(trainer, stage.final, info)
+        logger.info("%s finished after %d steps: %s", stage.name, result.global_step, stage.final)
+        del trainer, model
+        gc.collect()
+    return stages[-1].final
+
+
+def _launcher_env() -> None:
+    # DeepSpeed without a launcher looks for MPI; one process needs only these.
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # DeepSpeed 0.19 calls torch.distributed functions that torch 2.13 deprecates, once per bucket per step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        script, targs, config = parse_args(argv)
+        checked = check_everything(script, targs, config)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:  # DataError, UsageError, layout errors
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if script.check_only:
+        print("ok: arguments, data, init file and OUTPUT_DIR are usable")
+        return 0
+    if checked.finished:
+        if rank == 0:
+            print(f"{targs['output_dir']}/final exists: this run already finished; pass a new OUTPUT_DIR to train again")
+        return 0
+    _launcher_env()
+    final = train(script, targs, checked)
+    if rank == 0:
+        print(f"final model: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
