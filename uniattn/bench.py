@@ -219,8 +219,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--quick", action="store_true", help="fewer points")
-    p.add_argument("--part", choices=("all", "main", "others"), default="all",
-                   help="main: LLaMA-3.1-8B 4 16 33 in full; others: the other layouts and models (appends)")
+    p.add_argument("--part", choices=("all", "main", "others", "extra"), default="all",
+                   help="main: LLaMA-3.1-8B 4 16 33 in full; others: the other layouts and models; "
+                        "extra: training step and the remaining compiled decode points (both append)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget; later points are skipped past it")
     args = p.parse_args(argv)
@@ -245,8 +246,10 @@ def main(argv=None) -> int:
     others = [("llama3.1-8b", (2, 16, 32)), ("llama3.1-8b", (4, 0, 32)), ("mistral-7b", (4, 16, 33)),
               ("gemma2-9b", (4, 21, 43))]
     runs = {"all": [main_run, *others], "main": [main_run], "others": others}[args.part]
-    if out.with_suffix(".json").exists() and args.part == "others":  # append to the main part's results
+    if out.with_suffix(".json").exists() and args.part in ("others", "extra"):  # append to earlier parts
         results["rows"] = json.loads(out.with_suffix(".json").read_text())["rows"]
+    if args.part == "extra":
+        return extra(out, results, bw)
     deadline = time.time() + args.minutes * 60
     for shape, layout in runs:
         if time.time() > deadline:
@@ -353,6 +356,52 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
         rows.append({"what": "largest_batch", "model": tag, "context": 16384, **res})
         print(rows[-1], flush=True)
     return rows
+
+
+def train_step_ms(model, tokens: int) -> float:
+    """Forward + backward of one sequence (gradient checkpointing on, as in the training presets for 8B)."""
+    ids = torch.randint(0, 1000, (1, tokens), device="cuda")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+    try:
+        return cuda_median_ms(step, repeat=5, warmup=2)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()  # its embedding hook would break a later compiled decode
+        model.eval()
+
+
+def extra(out: Path, results: dict, bw: float) -> int:
+    """A training step and the compiled decode points the main part leaves out (LLaMA-3.1-8B, 4 16 33)."""
+    stock, uni = build_pair("llama3.1-8b", (4, 16, 33))
+    tag = "llama3.1-8b 4 16 33"
+    w_s, w_u, kv_s, kv_u = weight_bytes(stock), weight_bytes(uni), kv_bytes_per_token(stock), kv_bytes_per_token(uni)
+    compiled = {}
+    for batch, ctx in ((16, 4096), (4, 32768)):
+        with torch.no_grad():
+            res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled", compiled))
+        ideal_s, ideal_u = w_s + batch * ctx * kv_s, w_u + batch * ctx * kv_u
+        results["rows"].append({
+            "what": "decode_ms", "model": tag, "mode": "compiled", "batch": batch, "context": ctx, **res,
+            "ratio": res["uniattn"] / res["stock"], "method_ratio": res["uniattn"] / res["stock_grouped"],
+            "ideal_ratio": ideal_u / ideal_s, "stock_bw_frac": ideal_s / bw / (res["stock"] / 1e3),
+            "stock_grouped_bw_frac": ideal_s / bw / (res["stock_grouped"] / 1e3),
+            "uniattn_bw_frac": ideal_u / bw / (res["uniattn"] / 1e3),
+            "limit_ms_stock": ideal_s / bw * 1e3, "limit_ms_uniattn": ideal_u / bw * 1e3,
+        })
+        print(results["rows"][-1], flush=True)
+        write(out, results)
+    for n in (2048, 4096):  # after the compiled points: training leaves hooks on shared modules
+        res = _run_variants(stock, uni, lambda m: train_step_ms(m, n))
+        results["rows"].append({"what": "train_step_ms", "model": tag, "batch": 1, "context": n, **res})
+        print(results["rows"][-1], flush=True)
+    write(out, results)
+    return 0
 
 
 def largest_batch(model, context, deadline) -> int:

@@ -44,6 +44,13 @@ def render(results: dict, out: Path) -> str:
             lines.append(f"| {r['model']} | {r['context']} | {_fmt(r['stock'])} | {_fmt(r.get('stock_grouped'))} | {_fmt(r['uniattn'])} "
                          f"| {r['uniattn'] / r['stock']:.3f} | {_fmt(r['stock_peak_GiB'])} | {_fmt(r['uniattn_peak_GiB'])} |")
         lines.append("")
+    if "train_step_ms" in by:
+        lines += ["## Training step (forward + backward, batch 1, gradient checkpointing)", "",
+                  "| model / layout | tokens | stock ms | stock + grouped ms | UniAttn ms | ratio |", "|---|---|---|---|---|---|"]
+        for r in by["train_step_ms"]:
+            lines.append(f"| {r['model']} | {r['context']} | {_fmt(r['stock'])} | {_fmt(r.get('stock_grouped'))} "
+                         f"| {_fmt(r['uniattn'])} | {r['uniattn'] / r['stock']:.3f} |")
+        lines.append("")
     if "decode_ms" in by:
         lines += ["## Decode, ms per token", "",
                   "*stock + grouped*: the stock model on UniAttn's decode kernel (`attn_implementation=\"uniattn_sdpa\"`); "
