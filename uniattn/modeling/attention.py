@@ -29,9 +29,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 # Kernels that cannot apply Gemma-2's attention-logit soft-cap: transformers 5.17's
 # SDPA path drops the `softcap` argument silently. UniAttn models map "sdpa" to
