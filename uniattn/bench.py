@@ -283,6 +283,19 @@ def _run_variants(stock, uni, fn):
     return res
 
 
+def decode_row(tag, mode, batch, ctx, res, bytes_stock, bytes_uni, bw) -> dict:
+    """One decode result with its ratios and its place against the byte model (bytes read per step / bandwidth)."""
+    return {
+        "what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, **res,
+        "ratio": res["uniattn"] / res["stock"], "method_ratio": res["uniattn"] / res["stock_grouped"],
+        "ideal_ratio": bytes_uni / bytes_stock,
+        "stock_bw_frac": bytes_stock / bw / (res["stock"] / 1e3),
+        "stock_grouped_bw_frac": bytes_stock / bw / (res["stock_grouped"] / 1e3),
+        "uniattn_bw_frac": bytes_uni / bw / (res["uniattn"] / 1e3),
+        "limit_ms_stock": bytes_stock / bw * 1e3, "limit_ms_uniattn": bytes_uni / bw * 1e3,
+    }
+
+
 def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
     rows = []
     tag = f"{shape} {' '.join(map(str, layout))}"
@@ -326,15 +339,7 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
             free()
             rows.append({"what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, "oom": True})
             continue
-        rows.append({
-            "what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, **res,
-            "ratio": res["uniattn"] / res["stock"], "method_ratio": res["uniattn"] / res["stock_grouped"],
-            "ideal_ratio": ideal_u / ideal_s,
-            "stock_bw_frac": ideal_s / bw / (res["stock"] / 1e3),
-            "stock_grouped_bw_frac": ideal_s / bw / (res["stock_grouped"] / 1e3),
-            "uniattn_bw_frac": ideal_u / bw / (res["uniattn"] / 1e3),
-            "limit_ms_stock": ideal_s / bw * 1e3, "limit_ms_uniattn": ideal_u / bw * 1e3,
-        })
+        rows.append(decode_row(tag, mode, batch, ctx, res, ideal_s, ideal_u, bw))
         print(rows[-1], flush=True)
     if full and time.time() < deadline:
         ids = torch.randint(0, 1000, (8, 1024), device="cuda")
@@ -386,14 +391,7 @@ def extra(out: Path, results: dict, bw: float) -> int:
         with torch.no_grad():
             res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled", compiled))
         ideal_s, ideal_u = w_s + batch * ctx * kv_s, w_u + batch * ctx * kv_u
-        results["rows"].append({
-            "what": "decode_ms", "model": tag, "mode": "compiled", "batch": batch, "context": ctx, **res,
-            "ratio": res["uniattn"] / res["stock"], "method_ratio": res["uniattn"] / res["stock_grouped"],
-            "ideal_ratio": ideal_u / ideal_s, "stock_bw_frac": ideal_s / bw / (res["stock"] / 1e3),
-            "stock_grouped_bw_frac": ideal_s / bw / (res["stock_grouped"] / 1e3),
-            "uniattn_bw_frac": ideal_u / bw / (res["uniattn"] / 1e3),
-            "limit_ms_stock": ideal_s / bw * 1e3, "limit_ms_uniattn": ideal_u / bw * 1e3,
-        })
+        results["rows"].append(decode_row(tag, "compiled", batch, ctx, res, ideal_s, ideal_u, bw))
         print(results["rows"][-1], flush=True)
         write(out, results)
     for n in (2048, 4096):  # after the compiled points: training leaves hooks on shared modules

@@ -233,7 +233,7 @@ def load_models(model_dir, superblock, dtype, device):
 def run(args) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    from .convert import save_checkpoint
+    from .convert import save_checkpoint, uniattn_config_from
     from .init_file import save_init
 
     model_dir = Path(args.model_dir)
@@ -245,8 +245,6 @@ def run(args) -> dict:
             f"layer count {args.num_layers} does not match the model in {model_dir}, which has "
             f"{base_config.num_hidden_layers} layers; pass {base_config.num_hidden_layers}"
         )
-    from .convert import uniattn_config_from
-
     layout = uniattn_config_from(base_config, args.superblock).superblock_layout  # validates G B E early
     records = load_records(args.data)
     if not args.include_eval_items:
