@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shared part of the three fine-tuning scripts (sourced, not run): checks and the DeepSpeed launch.
+# Shared part of the fine-tuning scripts (sourced, not run): checks and the DeepSpeed launch.
 # Defaults come from scripts/common.sh, shared with the other entry points.
 #
 # Environment (all optional):

@@ -44,18 +44,21 @@ def _randomise(model, seed):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def make_pair(family: str, layout=LAYOUT, attn: str = "eager", seed: int = 0, compensation: bool = True):
-    """A stock model and a UniAttn model sharing every weight; W_c random unless ``compensation=False``."""
+def make_pair(family: str, layout=LAYOUT, attn: str = "eager", seed: int = 0, compensation: bool = True,
+              sharing: str = "softmax"):
+    """A stock model and a UniAttn (``sharing="kv"``: CLA) model sharing every weight; W_c random unless
+    ``compensation=False``."""
     torch.manual_seed(seed)
     stock = STOCK[family](stock_config(family, attn)).eval()
     _randomise(stock, seed)
-    config = uniattn_config_from(stock.config, layout)
+    config = uniattn_config_from(stock.config, layout, sharing)
     config._attn_implementation = attn
     _, cls = uniattn.UNIATTN_FAMILIES[family]
     uni = cls(config).eval()
     missing, unexpected = uni.load_state_dict(stock.state_dict(), strict=False)
     assert all("compensation" in k for k in missing), missing
-    assert all(k.split(".")[-2] in ("q_proj", "k_proj") for k in unexpected), unexpected
+    dropped = ("k_proj", "v_proj") if sharing == "kv" else ("q_proj", "k_proj")
+    assert all(k.split(".")[-2] in dropped for k in unexpected), unexpected
     if compensation:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():

@@ -11,6 +11,7 @@ from transformers import DynamicCache, StaticCache
 from uniattn.modeling.cache import cache_nbytes
 
 ATTN = ("eager", "sdpa")
+SHARINGS = ("softmax", "kv")  # UniAttn, and the CLA baseline on the same layout
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -41,11 +42,13 @@ def test_without_followers_range_matches_stock_logits_where_layout_starts_late()
         torch.testing.assert_close(hu[i], hs[i], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sharing", SHARINGS)
 @pytest.mark.parametrize("padding", ("right", "left"))
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("layout", ((2, 1, 6), (2, 0, 6), (3, 1, 6)))
-def test_follower_matches_naive_reference(family, attn, padding, layout):
-    _, uni = make_pair(family, layout=layout, attn=attn, seed=5)
+def test_follower_matches_naive_reference(family, attn, padding, layout, sharing):
+    # sharing "kv" is the CLA baseline: the reference then gives followers their own Q over the leader's K, V.
+    _, uni = make_pair(family, layout=layout, attn=attn, seed=5, sharing=sharing)
     ids, mask = random_batch(length=14, padding=padding, seed=6)  # 14 > window 5: windows matter
     with torch.no_grad():
         got = uni(ids, attention_mask=mask).logits
@@ -73,10 +76,11 @@ def test_gemma2_sdpa_keeps_the_softcap():
         uni(ids)
 
 
+@pytest.mark.parametrize("sharing", SHARINGS)
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("cache", ("dynamic", "static"))
-def test_incremental_decoding_equals_full_forward(family, attn, cache):
-    _, uni = make_pair(family, attn=attn, seed=9)
+def test_incremental_decoding_equals_full_forward(family, attn, cache, sharing):
+    _, uni = make_pair(family, attn=attn, seed=9, sharing=sharing)
     ids, _ = random_batch(batch=2, length=13, padding="right", seed=10)
     ids[:, :] = ids[0]  # no padding here: positions must line up token by token
     prefix = 4
@@ -114,9 +118,10 @@ def test_beam_search_with_cache_equals_without(family):
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
 
 
+@pytest.mark.parametrize("sharing", SHARINGS)
 @pytest.mark.parametrize("cache", ("dynamic", "static"))
-def test_kv_cache_bytes_and_parameter_count(cache):
-    stock, uni = make_pair("llama", seed=15)
+def test_kv_cache_bytes_and_parameter_count(cache, sharing):
+    stock, uni = make_pair("llama", seed=15, sharing=sharing)
     ids, _ = random_batch(batch=2, length=10, seed=16)
     layout = uni.config.superblock_layout
     L, F = layout.num_layers, len(layout.followers)
@@ -126,18 +131,23 @@ def test_kv_cache_bytes_and_parameter_count(cache):
         with torch.no_grad():
             return model(ids, past_key_values=past, use_cache=True).past_key_values
 
-    assert cache_nbytes(prefill(uni)) * 2 * L == cache_nbytes(prefill(stock)) * (2 * L - F)
-
     cfg, hidden = uni.config, uni.config.hidden_size
     q = hidden * cfg.num_attention_heads * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim  # weight + bias
-    k = hidden * cfg.num_key_value_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim
+    k = hidden * cfg.num_key_value_heads * cfg.head_dim + cfg.num_key_value_heads * cfg.head_dim  # v_proj alike
     w_c = hidden * hidden + hidden
     n_stock = sum(p.numel() for p in stock.parameters())
     n_uni = sum(p.numel() for p in uni.parameters())
-    assert n_uni == n_stock - F * (q + k) + F * w_c
+    if sharing == "softmax":  # UniAttn followers: V only, no q/k projections, plus W_c
+        assert cache_nbytes(prefill(uni)) * 2 * L == cache_nbytes(prefill(stock)) * (2 * L - F)
+        assert n_uni == n_stock - F * (q + k) + F * w_c
+        kept, gone = ("v_proj", "o_proj", "compensation"), ("q_proj", "k_proj")
+    else:  # CLA followers: no cache at all, no k/v projections, no W_c
+        assert cache_nbytes(prefill(uni)) * L == cache_nbytes(prefill(stock)) * (L - F)
+        assert n_uni == n_stock - F * 2 * k
+        kept, gone = ("q_proj", "o_proj"), ("k_proj", "v_proj", "compensation")
     for i in layout.followers:
         attn = uni.model.layers[i].self_attn
-        assert not hasattr(attn, "q_proj") and not hasattr(attn, "k_proj")
+        assert all(hasattr(attn, n) for n in kept) and not any(hasattr(attn, n) for n in gone)
 
 
 def test_fresh_model_has_zero_compensation(family):

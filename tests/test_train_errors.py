@@ -94,11 +94,15 @@ def test_layout_that_does_not_fit_the_model(work, tmp_path, capsys, layout, need
 
 def test_argument_combinations(work, tmp_path, capsys):
     out = tmp_path / "out"
-    fails(capsys, argv(work, out, mode="plain"), "--superblock is for --mode softmax / uniattn")
+    fails(capsys, argv(work, out, mode="plain"), "--superblock is for --mode softmax / uniattn / cla")
     fails(capsys, argv(work, out, mode="softmax", layout=None), "--mode softmax needs --superblock G B E")
     args = argv(work, out)
     i = args.index("--init_path")
-    fails(capsys, args[:i] + args[i + 2:], "--mode uniattn needs --init_path")
+    fails(capsys, args[:i] + args[i + 2:], "--mode uniattn needs --init_path", "or --zero_init")
+    fails(capsys, argv(work, out, extra=["--zero_init"]), "--zero_init is for --mode uniattn without --init_path")
+    fails(capsys, argv(work, out, mode="cla", extra=["--zero_init"]), "--zero_init is for --mode uniattn")
+    fails(capsys, argv(work, out, mode="cla", layout=None), "--mode cla needs --superblock G B E")
+    fails(capsys, argv(work, out, mode="cla", layout=(2, 4, 6)), "has no follower")
     fails(capsys, argv(work, out, mode="plain", layout=None, extra=["--max_length", "8"]),
           "--max_length 8 leaves no response token")
     fails(capsys, argv(work, out, mode="plain", layout=None, extra=["--deepspeed", "nope.json"]),

@@ -150,6 +150,28 @@ def test_uniattn_two_processes_zero3(work):
     reload_and_generate(out / "final", uniattn=True)
 
 
+def test_cla_trains_and_reloads(work):
+    out = work["root"] / "cla-1p-mistral"
+    ok(train(work, "train_deepspeed-ft_cla.sh", out, 1, zero=2, family="mistral"))
+    model = reload_and_generate(out / "final", uniattn=True, family="mistral")
+    assert model.config.superblock_sharing == "kv"
+    base, final = state_dict(base_of(work, "mistral")), state_dict(out / "final")
+    assert set(base) - set(final) == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in FOLLOWERS for p in "kv"}
+    assert set(final) <= set(base)  # no compensation, nothing new
+    assert all(changed(final[k], base[k]) for k in final)
+
+
+def test_uniattn_zero_init_starts_wc_at_zero(work):
+    out = work["root"] / "uniattn-zero-init"
+    ok(train(work, "train_deepspeed-ft_uniattn.sh", out, 1, zero=2, env={"INIT_PATH": "zero"}))
+    base, stage1 = state_dict(work["base"]), state_dict(out / "stage1" / "final")
+    wc = [k for k in stage1 if ".compensation." in k]
+    assert wc and all(torch.count_nonzero(stage1[k]) > 0 for k in wc)  # trained away from zero ...
+    assert all(stage1[k].abs().max() <= STEPS * 1e-3 * 1.5 for k in wc)  # ... by a few small steps from zero
+    assert all(torch.equal(stage1[k], base[k]) for k in stage1 if k not in wc)
+    assert json.loads((out / "final" / "uniattn_train.json").read_text())["zero_init"] is True
+
+
 def test_sigkill_then_restart_resumes_to_the_same_weights(work, uniattn_run, capsys):
     out = work["root"] / "uniattn-killed"
     killed = train(work, "train_deepspeed-ft_uniattn.sh", out, 1, zero=2,

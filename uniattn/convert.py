@@ -1,10 +1,12 @@
 """Turn a plain LLaMA / Mistral / Gemma-2 checkpoint into a UniAttn checkpoint.
 
-    python -m uniattn.convert BASE_DIR OUT_DIR --superblock G B E
+    python -m uniattn.convert BASE_DIR OUT_DIR --superblock G B E [--sharing kv]
 
 The family is read from ``BASE_DIR/config.json`` (``model_type``), never from
 the path. Followers lose ``q_proj`` / ``k_proj``; every ``W_c`` starts at zero
-(the closed-form values come from ``uniattn.init_calc``). The tokenizer and
+(the closed-form values come from ``uniattn.init_calc``). ``--sharing kv``
+builds the cross-layer KV sharing (CLA) baseline instead: followers lose
+``k_proj`` / ``v_proj`` and have no ``W_c``. The tokenizer and
 generation config are copied, and the saved checkpoint carries ``auto_map`` and
 the modeling code, so it loads with ``trust_remote_code=True`` anywhere.
 The output is staged under a temporary name and renamed when complete.
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def uniattn_config_from(base_config, superblock: tuple[int, int, int]):
-    """A UniAttn config with the base config's fields and the layout ``(G, B, E)``."""
+def uniattn_config_from(base_config, superblock: tuple[int, int, int], sharing: str = "softmax"):
+    """A UniAttn config with the base config's fields, the layout ``(G, B, E)`` and what followers share."""
     from .modeling import UNIATTN_FAMILIES
 
     family = base_config.model_type
@@ -42,22 +44,25 @@ def uniattn_config_from(base_config, superblock: tuple[int, int, int]):
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config"):
         fields.pop(key, None)
     g, b, e = (int(v) for v in superblock)
-    return config_class(**fields, superblock_size=g, superblock_begin=b, superblock_end=e)
+    return config_class(**fields, superblock_size=g, superblock_begin=b, superblock_end=e, superblock_sharing=sharing)
 
 
-def follower_qk_keys(layout) -> set[str]:
-    return {f"model.layers.{i}.self_attn.{p}_proj.{w}" for i in layout.followers for p in "qk" for w in ("weight", "bias")}
+def dropped_keys(config) -> set[str]:
+    """Base weights a follower does not have: Q/K for UniAttn, K/V for CLA."""
+    projections = "kv" if config.superblock_sharing == "kv" else "qk"
+    return {f"model.layers.{i}.self_attn.{p}_proj.{w}"
+            for i in config.superblock_layout.followers for p in projections for w in ("weight", "bias")}
 
 
-def load_converted(base_dir, superblock, dtype="auto"):
-    """Load a plain checkpoint straight into a UniAttn model (``W_c = 0``); returns (model, config)."""
+def load_converted(base_dir, superblock, dtype="auto", sharing: str = "softmax"):
+    """Load a plain checkpoint straight into a UniAttn (or CLA) model (``W_c = 0``); returns (model, config)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     from .modeling import UNIATTN_FAMILIES
 
     base_config = AutoConfig.from_pretrained(base_dir)
-    config = uniattn_config_from(base_config, superblock)
+    config = uniattn_config_from(base_config, superblock, sharing)
     _, model_class = UNIATTN_FAMILIES[base_config.model_type]
     # transformers reports the dropped follower Q/K and the new W_c as a loading problem;
     # they are expected, and checked exactly below, so its report is silenced here.
@@ -72,7 +77,7 @@ def load_converted(base_dir, superblock, dtype="auto"):
     layout = config.superblock_layout
     expected_missing = {f"model.layers.{i}.self_attn.compensation.{w}" for i in layout.followers for w in ("weight", "bias")}
     missing = set(info["missing_keys"]) - expected_missing
-    unexpected = set(info["unexpected_keys"]) - follower_qk_keys(layout)
+    unexpected = set(info["unexpected_keys"]) - dropped_keys(config)
     if missing or unexpected:
         raise ValueError(
             f"{base_dir} does not match a {base_config.model_type} model of this shape: "
@@ -125,8 +130,8 @@ def copy_tokenizer(src, dst) -> bool:
     return True
 
 
-def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False) -> Path:
-    """Convert ``base_dir`` into a UniAttn checkpoint at ``out_dir`` with layout ``superblock=(G, B, E)``."""
+def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False, sharing: str = "softmax") -> Path:
+    """Convert ``base_dir`` into a UniAttn (or, ``sharing="kv"``, CLA) checkpoint with layout ``(G, B, E)``."""
     import uniattn  # noqa: F401  (registers the auto classes so the save carries auto_map)
 
     base = Path(base_dir)
@@ -135,7 +140,7 @@ def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    model, config = load_converted(base, superblock, dtype)
+    model, config = load_converted(base, superblock, dtype, sharing)
     logger.info("%s", config.superblock_layout.describe())
     return save_checkpoint(model, out, tokenizer_from=base, overwrite=overwrite)
 
@@ -147,11 +152,13 @@ def main(argv=None) -> int:
     parser.add_argument("--superblock", nargs=3, type=int, required=True, metavar=("G", "B", "E"),
                         help="SuperBlock size, first layer, end layer (exclusive), e.g. 4 16 33")
     parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help="weight dtype to save")
+    parser.add_argument("--sharing", default="softmax", choices=("softmax", "kv"),
+                        help="what followers reuse: softmax (UniAttn) or kv (cross-layer KV sharing, CLA)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = convert(args.base_dir, args.out_dir, tuple(args.superblock), args.dtype, args.overwrite)
+        out = convert(args.base_dir, args.out_dir, tuple(args.superblock), args.dtype, args.overwrite, args.sharing)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""KV-cache bytes and parameter counts of a UniAttn checkpoint against its base model.
+"""KV-cache bytes and parameter counts of a UniAttn (or CLA) checkpoint against its base model.
 
     python -m uniattn.kv_report BASE_DIR UNIATTN_DIR [--tokens 1024 --batch 1]
 
@@ -18,14 +18,22 @@ from .modeling.cache import cache_nbytes
 
 
 @torch.no_grad()
+def kv_and_params(model, tokens: int = 256, batch: int = 1) -> dict:
+    """KV-cache bytes after prefilling ``batch x tokens`` random ids, and the parameter count."""
+    device = next(model.parameters()).device
+    ids = torch.randint(3, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
+    past = model(ids.to(device), past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
+    return {"cache": cache_nbytes(past), "params": sum(p.numel() for p in model.parameters()),
+            "cache_tokens": batch * tokens, "cache_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "layout": str(getattr(model.config, "superblock_layout", "-")),
+            "sharing": getattr(model.config, "superblock_sharing", "-")}
+
+
 def measure(path, tokens: int, batch: int) -> dict:
     import uniattn  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = torch.randint(3, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
-    past = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True).past_key_values
-    return {"cache": cache_nbytes(past), "params": sum(p.numel() for p in model.parameters()),
-            "layout": str(getattr(model.config, "superblock_layout", "-"))}
+    return kv_and_params(model, tokens, batch)
 
 
 def table(base_dir, uni_dir, tokens=256, batch=1) -> str:
@@ -34,7 +42,7 @@ def table(base_dir, uni_dir, tokens=256, batch=1) -> str:
         "| model | layout | KV cache after prefill | parameters |",
         "|---|---|---|---|",
         f"| base | - | {base['cache'] / 2**20:.2f} MiB | {base['params'] / 1e6:.2f} M |",
-        f"| UniAttn | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
+        f"| {'CLA' if uni['sharing'] == 'kv' else 'UniAttn'} | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
         f"| {uni['params'] / 1e6:.2f} M ({uni['params'] / base['params'] - 1:+.2%}) |",
     ]
     return "\n".join(rows) + f"\n\n(fp32, batch {batch}, {tokens} prompt tokens)"

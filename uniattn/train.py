@@ -1,4 +1,4 @@
-"""Post-training on the Hugging Face Trainer with DeepSpeed: plain, softmax and UniAttn fine-tuning.
+"""Post-training on the Hugging Face Trainer with DeepSpeed: plain, softmax, UniAttn and CLA fine-tuning.
 
     deepspeed --num_gpus N --module uniattn.train --mode uniattn --model_dir BASE \\
         --data dataset/pmc_llama_instructions_1000.json --superblock 4 14 30 \\
@@ -13,7 +13,11 @@ Modes (UNIATTN.md section 5):
 * ``uniattn``: convert, load ``W_c`` from the init-calc file, then two stages in
   one command with the same data and schedule: stage 1 trains only the ``W_c``
   tensors (everything else ``requires_grad=False``), stage 2 trains everything,
-  starting from stage 1's result.
+  starting from stage 1's result. ``--zero_init`` starts ``W_c`` at zero instead
+  of the init-calc values (the ablation "UniAttn without init").
+* ``cla``: the cross-layer KV sharing baseline on the same layout: followers keep
+  their Q and attend over the leader's K and V (their own K/V projections are
+  dropped, no compensation); everything trains, one stage.
 
 Hyper-parameters come from the preset in ``configs/`` that matches the model
 (see ``uniattn.presets``); any ``TrainingArguments`` flag overrides it. The
@@ -60,11 +64,11 @@ from .resume import CheckpointError, check_run_file, resume_point, write_run_fil
 
 logger = logging.getLogger(__name__)
 
-MODES = ("plain", "softmax", "uniattn")
+MODES = ("plain", "softmax", "uniattn", "cla")
 REPO_DIR = CONFIGS_DIR.parent
 # Flags of this script; everything else is a TrainingArguments flag.
 SCRIPT_FLAGS = ("mode", "model_dir", "data", "superblock", "init_path", "preset", "max_length",
-                "effective_batch_size", "attn_implementation", "check_only", "include_eval_items")
+                "effective_batch_size", "attn_implementation", "check_only", "include_eval_items", "zero_init")
 TEST_KILL_ENV = "UNIATTN_TEST_SIGKILL_AFTER_SAVE"
 
 
@@ -85,6 +89,8 @@ def plan_stages(mode: str, out: Path) -> list[Stage]:
         return [Stage("train", out, out / "final", "all")]
     if mode == "softmax":
         return [Stage("train", out, out / "final", "all_but_compensation")]
+    if mode == "cla":
+        return [Stage("train", out, out / "final", "all")]
     return [
         Stage("stage1", out / "stage1", out / "stage1" / "final", "compensation"),
         Stage("stage2", out / "stage2", out / "final", "all"),
@@ -96,12 +102,14 @@ def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(TrainingArguments, description=__doc__, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("UniAttn")
-    g.add_argument("--mode", required=True, choices=MODES, help="plain | softmax | uniattn (see above)")
+    g.add_argument("--mode", required=True, choices=MODES, help="plain | softmax | uniattn | cla (see above)")
     g.add_argument("--model_dir", required=True, help="plain Hugging Face checkpoint (LLaMA, Mistral, Gemma-2)")
     g.add_argument("--data", default=str(default_data_file("pmc")), help="SFT records, JSON list or JSONL")
     g.add_argument("--superblock", nargs=3, type=int, metavar=("G", "B", "E"),
-                   help="SuperBlock layout (softmax, uniattn)")
+                   help="SuperBlock layout (softmax, uniattn, cla)")
     g.add_argument("--init_path", help="init-calc output with the closed-form W_c (uniattn)")
+    g.add_argument("--zero_init", action="store_true",
+                   help="uniattn without init calc: W_c starts at zero (ablation; no --init_path)")
     g.add_argument("--preset", help="YAML preset (default: the file in configs/ that matches the model)")
     g.add_argument("--max_length", type=int, default=1024, help="tokens per example (prompt + response)")
     g.add_argument("--effective_batch_size", type=int, default=48,
@@ -206,19 +214,23 @@ def check_everything(script, targs: dict, config) -> Checked:
         raise UsageError("--output_dir is required (OUTPUT_DIR in the scripts)")
     mode, out = script.mode, Path(targs["output_dir"])
     if mode == "plain" and script.superblock:
-        raise UsageError("--superblock is for --mode softmax / uniattn; plain fine-tuning keeps the architecture")
+        raise UsageError("--superblock is for --mode softmax / uniattn / cla; plain fine-tuning keeps the architecture")
     if mode != "plain" and not script.superblock:
         raise UsageError(f"--mode {mode} needs --superblock G B E (e.g. 4 14 30)")
     if mode != "uniattn" and script.init_path:
         raise UsageError(f"--init_path is only used by --mode uniattn, not {mode}")
+    if script.zero_init and (mode != "uniattn" or script.init_path):
+        raise UsageError("--zero_init is for --mode uniattn without --init_path (W_c starts at zero)")
     init_tensors = None
     if mode != "plain":
-        uni_config = uniattn_config_from(config, tuple(script.superblock))  # rejects a bad layout, names the fix
+        # rejects a bad layout, names the fix
+        uni_config = uniattn_config_from(config, tuple(script.superblock), sharing_of(mode))
         logger.info("%s", uni_config.superblock_layout.describe())
-        if mode == "uniattn":
+        if mode == "uniattn" and not script.zero_init:
             if not script.init_path:
                 raise UsageError("--mode uniattn needs --init_path (INIT_PATH): the output of "
-                                 "scripts/train_deepspeed-init_calc.sh for this model and layout")
+                                 "scripts/train_deepspeed-init_calc.sh for this model and layout "
+                                 "(or --zero_init to start W_c at zero)")
             init_tensors = load_init(script.init_path, uni_config)
             _check_init_tensors(init_tensors, uni_config, script)
     if script.max_length < 2:
@@ -245,6 +257,8 @@ def check_everything(script, targs: dict, config) -> Checked:
         "superblock": list(script.superblock) if script.superblock else None,
         "init_path": str(Path(script.init_path).resolve()) if script.init_path else None,
     }
+    if script.zero_init:
+        identity["zero_init"] = True
     check_run_file(out, identity)
     world = int(os.environ.get("WORLD_SIZE", 1))
     resume, finished = {}, True
@@ -261,6 +275,10 @@ def check_everything(script, targs: dict, config) -> Checked:
         resume[stage.name] = resume_point(stage.trainer_dir, world, bool(targs["deepspeed"]))
         break
     return Checked(records, tokenizer, init_tensors, resume, identity, finished)
+
+
+def sharing_of(mode: str) -> str:
+    return "kv" if mode == "cla" else "softmax"
 
 
 def _check_init_tensors(tensors: dict, config, script) -> None:
@@ -348,7 +366,7 @@ def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
         # load_converted checks the dropped / new keys itself; the stock load report would list them as
         # UNEXPECTED / MISSING and alarm the reader for nothing.
         with _quiet("transformers.modeling_utils"):
-            model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype)
+            model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype, sharing_of(script.mode))
         if init_tensors is not None:
             copy_compensation(model, init_tensors)
     if script.attn_implementation:

@@ -13,6 +13,9 @@
   fused kernel with the leader's Q and K (no T x T matrix is built). It returns
   ``o_proj(P V) + W_c u``, so the stock decoder layer places the compensation
   exactly where the spec wants it for each family.
+* ``KVSharingFollowerAttention`` is the cross-layer KV sharing (CLA) baseline on
+  the same layout: no ``k_proj``/``v_proj`` and no cache of its own; it attends
+  with its own RoPE'd Q over the leader's K and V, without compensation.
 
 Shipped inside saved checkpoints: only relative imports of sibling files.
 """
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
@@ -120,6 +123,7 @@ class LeaderState:
 
     query: torch.Tensor  # [batch, q_heads, q_len, head_dim], post-RoPE
     key: torch.Tensor  # [batch, kv_heads, kv_len, head_dim], post-RoPE, cached past included
+    value: torch.Tensor  # [batch, kv_heads, kv_len, head_dim], cached past included (read by CLA followers)
     attention_mask: torch.Tensor | None
     scaling: float
     sliding_window: int | None
@@ -182,6 +186,7 @@ class SoftmaxAttentionMixin:
             uniattn_states[self.layer_idx] = LeaderState(
                 query=query_states,
                 key=key_states,
+                value=value_states,
                 attention_mask=attention_mask,
                 scaling=self.scaling,
                 dropout=dropout,
@@ -194,8 +199,8 @@ class SoftmaxAttentionMixin:
         return attn_output, attn_weights
 
 
-class FollowerAttention(nn.Module):
-    """Reuses the leader's attention probabilities with its own V; adds the compensation ``W_c u``."""
+class _FollowerBase(nn.Module):
+    """What both follower kinds share: the leader hand-off and the call into the leader's kernel."""
 
     def __init__(self, config, layer_idx: int, leader_idx: int):
         super().__init__()
@@ -206,12 +211,7 @@ class FollowerAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        bias = getattr(config, "attention_bias", False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.compensation = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
-        # Zero W_c is "no compensation": what a missing W_c must mean when a checkpoint is loaded.
-        self.compensation._uniattn_zero_init = True
+        self.bias = getattr(config, "attention_bias", False)
 
     def forward(
         self,
@@ -222,34 +222,76 @@ class FollowerAttention(nn.Module):
         uniattn_states=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        state: LeaderState | None = None if uniattn_states is None else uniattn_states.get(self.leader_idx)
+        state = None if uniattn_states is None else uniattn_states.get(self.leader_idx)
         if state is None:
             raise RuntimeError(
                 f"follower layer {self.layer_idx} found no state from its leader {self.leader_idx}: "
                 "run the whole model (the leader must run first in the same forward)"
             )
+        return self.follow(hidden_states, state, position_embeddings, past_key_values, **kwargs), None
+
+    def follow(self, hidden_states, state: LeaderState, position_embeddings, past_key_values, **kwargs):
+        raise NotImplementedError
+
+    def leader_kernel(self, query, key, value, state: LeaderState, **kwargs) -> torch.Tensor:
+        """``attn(query, key, value)`` with the leader's mask, scale, window and cap (the leader's cache
+        decides which keys exist, so its window applies to its followers too)."""
+        out, _ = attention_function(self, state.softcap)(
+            self,
+            query,
+            key,
+            value,
+            state.attention_mask,
+            dropout=state.dropout,
+            scaling=state.scaling,
+            sliding_window=state.sliding_window,
+            softcap=state.softcap,
+            **kwargs,
+        )
+        return out
+
+
+class FollowerAttention(_FollowerBase):
+    """Reuses the leader's attention probabilities with its own V; adds the compensation ``W_c u``."""
+
+    def __init__(self, config, layer_idx: int, leader_idx: int):
+        super().__init__(config, layer_idx, leader_idx)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=self.bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=self.bias)
+        self.compensation = nn.Linear(config.hidden_size, config.hidden_size, bias=self.bias)
+        # Zero W_c is "no compensation": what a missing W_c must mean when a checkpoint is loaded.
+        self.compensation._uniattn_zero_init = True
+
+    def follow(self, hidden_states, state, position_embeddings, past_key_values, **kwargs):
         input_shape = hidden_states.shape[:-1]
         value_states = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             _, value_states = past_key_values.update(value_states[..., :0], value_states, self.layer_idx)
-
         if state.probs is not None:
             # The leader materialised P (eager reference, or decode rows): reuse it as is.
             attn_output = grouped_apply(state.probs, value_states)
         else:
-            # P_leader @ V == attn(Q_leader, K_leader, V) with the leader's mask, scale, window and cap,
-            # so the fused kernel gives it without building P.
-            attn_output, _ = attention_function(self, state.softcap)(
-                self,
-                state.query,
-                state.key,
-                value_states,
-                state.attention_mask,
-                dropout=state.dropout,
-                scaling=state.scaling,
-                sliding_window=state.sliding_window,
-                softcap=state.softcap,
-                **kwargs,
-            )
+            # P_leader @ V == attn(Q_leader, K_leader, V): the fused kernel gives it without building P.
+            attn_output = self.leader_kernel(state.query, state.key, value_states, state, **kwargs)
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
-        return attn_output + self.compensation(hidden_states), None
+        return attn_output + self.compensation(hidden_states)
+
+
+class KVSharingFollowerAttention(_FollowerBase):
+    """Cross-layer KV sharing (CLA): own Q over the leader's K and V; no compensation, no cache of its own."""
+
+    def __init__(self, config, layer_idx: int, leader_idx: int):
+        super().__init__(config, layer_idx, leader_idx)
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=self.bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=self.bias)
+
+    def follow(self, hidden_states, state, position_embeddings, past_key_values, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
+        if past_key_values is not None:
+            # Zero-width K and V: keeps the (empty) layer's bookkeeping in step with the others.
+            past_key_values.update(query[:, :1, :, :0], query[:, :1, :, :0], self.layer_idx)
+        attn_output = self.leader_kernel(query, state.key, state.value, state, **kwargs)
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())

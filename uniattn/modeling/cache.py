@@ -9,6 +9,9 @@ keys cost no memory. The stock ``DynamicLayer`` reads its length from the keys,
 so the V-only layers report it from the values (beam search reorders only
 layers whose length is positive).
 
+A cross-layer KV sharing (CLA) follower reads its leader's K and V and stores
+nothing: its twin also cuts the values to width zero (``keeps_values=False``).
+
 ``make_value_only(cache, layout)`` swaps the follower layers of a freshly
 created ``DynamicCache`` / ``StaticCache`` for their V-only twins; the model
 calls it on every forward, so caches made by ``generate()`` or by the user work
@@ -33,11 +36,16 @@ class ValueOnlyMixin:
     """Forces zero-width keys, whatever the caller (or ``early_initialization``) passes."""
 
     value_only = True
+    keeps_values = True  # False for a CLA follower, which stores nothing
+
+    def _values(self, value_states: torch.Tensor) -> torch.Tensor:
+        return value_states if self.keeps_values else value_states[..., :0]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states[..., :0], value_states)
+        super().lazy_initialization(key_states[..., :0], self._values(value_states))
 
     def update(self, key_states, value_states, *args, **kwargs):
+        value_states = self._values(value_states)
         return super().update(value_states[..., :0], value_states, *args, **kwargs)
 
 
@@ -60,10 +68,16 @@ class ValueOnlyStaticSlidingWindowLayer(ValueOnlyMixin, StaticSlidingWindowLayer
     pass
 
 
-def _value_only_twin(layer, leader_layer):
+def _value_only_twin(layer, leader_layer, keep_values: bool):
     """A fresh V-only layer shaped like the leader's (a Gemma-2 follower keeps its leader's window)."""
     if getattr(layer, "value_only", False):
         return layer
+    twin = _twin_class(layer, leader_layer)
+    twin.keeps_values = keep_values
+    return twin
+
+
+def _twin_class(layer, leader_layer):
     if layer.is_initialized and layer.get_seq_length() > 0:
         raise ValueError(
             "a follower layer's cache already holds keys: this cache was filled by a model without "
@@ -85,8 +99,8 @@ def _value_only_twin(layer, leader_layer):
     )
 
 
-def make_value_only(cache: Cache | None, layout) -> None:
-    """Give every follower layer of ``cache`` a V-only layer, in place (idempotent)."""
+def make_value_only(cache: Cache | None, layout, keep_values: bool = True) -> None:
+    """Give every follower layer of ``cache`` a V-only layer (or, without values, an empty one), in place."""
     if cache is None or getattr(cache, "_uniattn_value_only", False):
         return
     followers = layout.followers
@@ -96,7 +110,7 @@ def make_value_only(cache: Cache | None, layout) -> None:
     if len(cache.layers) < layout.num_layers:
         raise ValueError(f"the cache has {len(cache.layers)} layers but the model has {layout.num_layers}")
     for i in followers:
-        cache.layers[i] = _value_only_twin(cache.layers[i], cache.layers[layout.leader_of(i)])
+        cache.layers[i] = _value_only_twin(cache.layers[i], cache.layers[layout.leader_of(i)], keep_values)
     cache._uniattn_value_only = True
 
 

@@ -16,8 +16,14 @@ from transformers import Gemma2Config, LlamaConfig, MistralConfig
 from .layout import SuperBlockLayout
 
 
+# What a follower reuses from its leader: "softmax" is UniAttn (the attention probabilities, own V,
+# plus W_c); "kv" is cross-layer KV sharing (CLA: the leader's K and V, own Q, no compensation),
+# the method's main baseline.
+SHARINGS = ("softmax", "kv")
+
+
 class UniAttnConfigMixin:
-    """Adds ``superblock_size/begin/end`` (the seed's ``G B E``) to a base config."""
+    """Adds ``superblock_size/begin/end`` (the seed's ``G B E``) and ``superblock_sharing`` to a base config."""
 
     base_model_type: str = ""
 
@@ -30,8 +36,11 @@ class UniAttnConfigMixin:
         # Checked here rather than in a strict ``validate_*`` hook so a bad layout
         # surfaces as a plain ``ValueError`` naming the value and the allowed range.
         SuperBlockLayout.from_config(self)
-
-
+        if self.superblock_sharing not in SHARINGS:
+            raise ValueError(
+                f"superblock_sharing {self.superblock_sharing!r} is not one of {SHARINGS}: "
+                "'softmax' for UniAttn, 'kv' for cross-layer KV sharing (CLA)"
+            )
 
 
 @strict
@@ -41,6 +50,7 @@ class UniAttnLlamaConfig(UniAttnConfigMixin, LlamaConfig):
     superblock_size: int = 4
     superblock_begin: int = 0
     superblock_end: int | None = None
+    superblock_sharing: str = "softmax"
 
 
 @strict
@@ -50,6 +60,7 @@ class UniAttnMistralConfig(UniAttnConfigMixin, MistralConfig):
     superblock_size: int = 4
     superblock_begin: int = 0
     superblock_end: int | None = None
+    superblock_sharing: str = "softmax"
 
 
 @strict
@@ -59,8 +70,9 @@ class UniAttnGemma2Config(UniAttnConfigMixin, Gemma2Config):
     superblock_size: int = 4
     superblock_begin: int = 0
     superblock_end: int | None = None
+    superblock_sharing: str = "softmax"
 
 
 UNIATTN_CONFIGS = {c.base_model_type: c for c in (UniAttnLlamaConfig, UniAttnMistralConfig, UniAttnGemma2Config)}
 
-__all__ = ["UniAttnLlamaConfig", "UniAttnMistralConfig", "UniAttnGemma2Config", "UNIATTN_CONFIGS"]
+__all__ = ["SHARINGS", "UniAttnLlamaConfig", "UniAttnMistralConfig", "UniAttnGemma2Config", "UNIATTN_CONFIGS"]

@@ -3,7 +3,8 @@
 ``UniAttnModelMixin`` sits on top of a family's stock ``*Model``: it builds the
 stock layers, then gives ordinary and leader layers the family's
 ``SoftmaxAttentionMixin`` attention and followers a ``FollowerAttention``
-(no Q/K projections). On each forward it makes the follower cache layers
+(no Q/K projections), or, with ``superblock_sharing="kv"``, the CLA baseline's
+``KVSharingFollowerAttention``. On each forward it makes the follower cache layers
 V-only and passes an explicit ``uniattn_states`` hand-off dict to every layer
 (a ``UserDict`` like Gemma-3n's ``shared_kv_states``, so FSDP2 does not copy it
 and gradient checkpointing sees the same object in the recompute).
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 
-from .attention import GROUPED_SDPA, NO_SOFTCAP_KERNELS, FollowerAttention
+from .attention import GROUPED_SDPA, NO_SOFTCAP_KERNELS, FollowerAttention, KVSharingFollowerAttention
 from .cache import make_value_only
 from .layout import FOLLOWER, LEADER, SuperBlockLayout
 
@@ -62,10 +63,11 @@ class UniAttnModelMixin(UniAttnPreTrainedMixin):
     def __init__(self, config):
         super().__init__(config)
         layout = config.superblock_layout
+        follower_class = KVSharingFollowerAttention if config.superblock_sharing == "kv" else FollowerAttention
         for i, layer in enumerate(self.layers):
             role = layout.role(i)
             if role == FOLLOWER:
-                layer.self_attn = FollowerAttention(config, i, layout.leader_of(i))
+                layer.self_attn = follower_class(config, i, layout.leader_of(i))
             else:
                 attn = self.attention_class(config, i)
                 attn.is_leader = role == LEADER
@@ -79,7 +81,8 @@ class UniAttnModelMixin(UniAttnPreTrainedMixin):
             use_cache = False
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        make_value_only(past_key_values, self.config.superblock_layout)
+        make_value_only(past_key_values, self.config.superblock_layout,
+                        keep_values=self.config.superblock_sharing != "kv")
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
