@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_pair, random_batch, stock_config
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import make_pair, random_batch
+from transformers import AutoModelForCausalLM
 
 import uniattn
 from uniattn.convert import convert, main as convert_main

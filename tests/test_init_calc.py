@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_pair
 
-from uniattn.init_calc import NormalEquations, main as init_main, make_batches, propagate
+from uniattn.init_calc import NormalEquations, main as init_main, propagate
 from uniattn.init_file import apply_init, load_init, read_metadata
 
 

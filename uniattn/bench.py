@@ -32,7 +32,7 @@ from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig,
 
 import uniattn
 from uniattn.convert import uniattn_config_from
-from uniattn.modeling.cache import cache_nbytes, make_value_only
+from uniattn.modeling.cache import make_value_only
 
 SHAPES = {
     "llama3.1-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
