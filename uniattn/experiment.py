@@ -156,7 +156,7 @@ class Experiment:
             self.size.eval_limit = args.eval_limit or None
         self.py = sys.executable
         self.superblock = [str(v) for v in args.superblock]
-        self.deadline = time.monotonic() + args.stop_after if args.stop_after else None
+        self.deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
 
     def _may_start(self, what: str) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -216,10 +216,13 @@ class Experiment:
         write_json(cache, result)
         return result
 
-    def lm_eval(self, path: Path, name: str) -> dict:
+    def lm_eval(self, path: Path, name: str, run: bool = True) -> dict | None:
+        """lm-eval scores of ``path`` (cached); with ``run=False`` only what an earlier call left."""
         out_dir = self.out / "eval" / f"lm_eval_{name}"
         stem = f"results_limit{self.size.eval_limit}" if self.size.eval_limit else "results"
         result = out_dir / f"{stem}.json"
+        if not result.exists() and not run:
+            return None
         if not result.exists():
             self._may_start(f"lm-eval of {name}")
             env = {"OUT_DIR": str(out_dir), "PYTHON": self.py}
@@ -261,8 +264,9 @@ class Experiment:
         results = {}
         for name, (arm, seed, path) in models.items():
             entry = {"arm": arm, "seed": seed, "path": str(path), **self.loss(path, heldout, f"heldout_{name}")}
-            if not self.args.skip_lm_eval:
-                entry["lm_eval"] = self.lm_eval(path, name)
+            scores = self.lm_eval(path, name, run=not self.args.skip_lm_eval)
+            if scores is not None:
+                entry["lm_eval"] = scores
             timing = path.parent / "timing.json"
             if timing.exists():
                 entry["train_seconds"] = json.loads(timing.read_text())["seconds"]
@@ -325,7 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--num_gpus", type=int, default=max(1, torch.cuda.device_count()), help="processes per training run")
     p.add_argument("--stop_after", type=float, default=None, metavar="SECONDS",
                    help="start no new step after this long (exit 3); rerun the command to continue")
-    p.add_argument("--skip_lm_eval", action="store_true", help="held-out loss, KV and parameters only")
+    p.add_argument("--skip_lm_eval", action="store_true",
+                   help="run no lm-eval (scores an earlier run left are still reported)")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="more uniattn.train flags for every run, e.g. --train_args --max_steps 2 (must come last)")
     args = p.parse_args(argv)

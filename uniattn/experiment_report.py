@@ -1,10 +1,10 @@
 """Tables and plot for ``uniattn.experiment``'s results.json.
 
-    python -m uniattn.experiment_report outputs/experiment_pmc_cpu/results.json [--out-dir DIR]
+    python -m uniattn.experiment_report outputs/experiment_pmc_cpu/results.json [--out-dir DIR] [--name NAME]
 
-Writes ``results.md`` (per-arm means with the seed-to-seed spread, per-task
+Writes ``NAME.md`` (default ``results.md``) (per-arm means with the seed-to-seed spread, per-task
 accuracies, per-seed losses, KV cache and parameters, and the comparisons the
-claim is about) and ``results.png``, each atomically.
+claim is about) and ``NAME.png``, each atomically.
 """
 
 from __future__ import annotations
@@ -49,6 +49,18 @@ def acc(entry: dict, task: str) -> float | None:
     return entry.get("lm_eval", {}).get(task, {}).get("acc")
 
 
+def paired(arms: dict, a: str, b: str) -> str:
+    """Per-seed differences a - b: every seed gives both arms the same data order, so pairs cancel its noise."""
+    la = {e["seed"]: e["loss"] for e in arms[a]}
+    lb = {e["seed"]: e["loss"] for e in arms[b]}
+    diffs = [la[s] - lb[s] for s in sorted(set(la) & set(lb))]
+    if len(diffs) < 2:
+        return ""
+    mean, sd, _ = stats(diffs)
+    lower = sum(d < 0 for d in diffs)
+    return f"; paired by seed {mean:+.3f} ± {sd:.3f}, lower in {lower} of {len(diffs)} seeds"
+
+
 def verdicts(arms: dict) -> list[str]:
     """The claim in numbers: UniAttn against plain FT (spread) and against the cheaper baselines."""
     loss = {a: [e["loss"] for e in rows] for a, rows in arms.items()}
@@ -62,15 +74,16 @@ def verdicts(arms: dict) -> list[str]:
         p, p_sd, p_range = stats(loss["plain"])
         inside = abs(u - p) <= max(p_sd, u_sd)
         lines.append(f"- UniAttn − plain FT, held-out loss: {u - p:+.3f} (seed sd: plain {p_sd:.3f}, UniAttn {u_sd:.3f}; "
-                     f"plain range {p_range:.3f}): UniAttn is {'within' if inside else 'outside'} the seed-to-seed "
-                     "spread of plain FT (|difference| <= the larger seed sd).")
+                     f"plain range {p_range:.3f}{paired(arms, 'uniattn', 'plain')}): UniAttn is "
+                     f"{'within' if inside else 'outside'} the seed-to-seed spread of plain FT "
+                     "(|difference| <= the larger seed sd).")
     for other in ("softmax", "cla", "uniattn_wc0"):
         if other in loss and len(loss[other]) > 1:
             o, o_sd, _ = stats(loss[other])
             spread = max(u_sd, o_sd)
             verdict = "beats" if o - u > spread else ("loses to" if u - o > spread else "does not separate from")
-            lines.append(f"- UniAttn − {ARM_NAMES[other]}, held-out loss: {u - o:+.3f} (larger seed sd {spread:.3f}): "
-                         f"UniAttn {verdict} it.")
+            lines.append(f"- UniAttn − {ARM_NAMES[other]}, held-out loss: {u - o:+.3f} (larger seed sd {spread:.3f}"
+                         f"{paired(arms, 'uniattn', other)}): by the seed spread UniAttn {verdict} it.")
     return lines
 
 
@@ -91,7 +104,8 @@ def render(summary: dict) -> str:
         accs = []
         for group in GROUPS:
             values = [a for a in (acc(e, group) for e in rows) if a is not None]
-            accs.append(fmt(values) if values else "-")
+            seeds_note = f" (seed {rows[0]['seed']})" if len(values) == 1 < len(rows) else ""
+            accs.append(fmt(values) + seeds_note if values else "-")
         seconds = [e["train_seconds"] for e in rows if "train_seconds" in e]
         lr = summary["chosen_lr"].get(arm)
         out.append(f"| {ARM_NAMES.get(arm, arm)} | {f'{lr:g}' if lr else '-'} | {len(rows)} | "
@@ -99,7 +113,7 @@ def render(summary: dict) -> str:
                    f"{f'{statistics.fmean(seconds):.0f}' if seconds else '-'} |")
     out += ["", "Mean ± sample standard deviation over seeds; lr: the grid point with the lowest validation loss.", "", "**The claim in numbers**", "", *verdicts(arms), ""]
     if any("lm_eval" in e for rows in arms.values() for e in rows):
-        out += ["Per-task accuracy (mean over seeds):", "",
+        out += ["Per-task accuracy (mean over the seeds lm-eval ran on):", "",
                 "| arm | " + " | ".join(t.removeprefix("uniattn_") for t in TASKS) + " |",
                 "|---|" + "---|" * len(TASKS)]
         for arm, rows in arms.items():
@@ -169,6 +183,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", help="results.json written by uniattn.experiment")
     p.add_argument("--out-dir", default=None, help="default: the results file's folder")
+    p.add_argument("--name", default="results", help="file stem of the table and plot")
     args = p.parse_args(argv)
     path = Path(args.results)
     if not path.is_file():
@@ -177,13 +192,13 @@ def main(argv=None) -> int:
     summary = json.loads(path.read_text())
     out_dir = Path(args.out_dir or path.parent)
     text = render(summary)
-    md = out_dir / "results.md"
-    tmp = md.with_name(".results.md.tmp")
+    md, png = out_dir / f"{args.name}.md", out_dir / f"{args.name}.png"
+    tmp = md.with_name(f".{md.name}.tmp")
     tmp.write_text(text)
     tmp.rename(md)
-    plot(summary, out_dir / "results.png")
+    plot(summary, png)
     print(text)
-    print(f"wrote {md} and {out_dir / 'results.png'}")
+    print(f"wrote {md} and {png}")
     return 0
 
 
