@@ -2,7 +2,7 @@
 # The comparison of docs/results.md: base, plain FT, softmax-only FT, UniAttn (init calc + two stages),
 # UniAttn with W_c = 0, and cross-layer KV sharing (CLA), on SmolLM2-135M-Instruct and PMC-LLaMA records.
 #
-#   bash scripts/experiment_pmc.sh                  # CPU size: about 2 h on 2 cores (see docs/results.md)
+#   bash scripts/experiment_pmc.sh                  # CPU size: ~1.5 h on 2 cores, +45 min with EXTRA_ARGS=--search_lr
 #   SIZE=full bash scripts/experiment_pmc.sh        # full size: the preset schedule, lr grid, 3 seeds, on GPUs
 #
 # Environment (all optional):

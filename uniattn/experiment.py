@@ -1,6 +1,6 @@
 """The paper's claim in miniature: UniAttn post-training against plain FT and the cheaper baselines.
 
-    bash scripts/experiment_pmc.sh                       # CPU size, about 2 h on 2 cores
+    bash scripts/experiment_pmc.sh                       # CPU size: ~1.5 h on 2 cores (+45 min with --search_lr)
     SIZE=full bash scripts/experiment_pmc.sh             # full size, on GPUs
     python -m uniattn.experiment --out outputs/experiment_pmc [--size cpu|full] [--seeds 0 1] [--lrs 1e-4 3e-4]
 
@@ -11,9 +11,10 @@ from W_c = 0) and ``cla`` (cross-layer KV sharing on the same layout).
 
 Data: the training side of the fixed evaluation split (uniattn.eval.split)
 minus a validation slice; the held-out side is never trained or calibrated on.
-Learning-rate search: with several ``--lrs`` every arm trains at each of them
-with the first seed, the lowest validation loss picks the arm's rate, and the
-other seeds run at that rate; every arm gets the same grid.
+Learning-rate search (``--search_lr``, or any ``--lrs``): every arm trains at
+each rate of the grid with the first seed, the lowest validation loss picks the
+arm's rate, and the other seeds run at that rate; every arm gets the same grid.
+The CPU size otherwise uses the rates its search chose (``SIZES["cpu"].lr_for``).
 Metrics per model: response loss on held-out PMC items, the shipped lm-eval
 tasks (medical and general), KV-cache bytes after a prefill and parameters.
 
@@ -314,7 +315,7 @@ def device_name() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(REPO / "outputs" / "experiment_pmc"), help="where every result goes")
-    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu: about 2 h on 2 cores; full: GPUs")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="cpu: ~1.5 h on 2 cores (docs/results.md); full: GPUs")
     p.add_argument("--eval_limit", type=int, help="lm-eval items per task (default: the size's; 0: all)")
     p.add_argument("--model_dir", default=None, help="base checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", default=str(REPO / "dataset" / "pmc_llama_instructions_1000.json"))

@@ -151,8 +151,9 @@ def plot(summary: dict, path: Path) -> None:
 
     arms = by_arm(summary["results"])
     names = list(arms)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
+    has_lm_eval = any("lm_eval" in e for rows in arms.values() for e in rows)
+    fig, axes = plt.subplots(1, 2 if has_lm_eval else 1, figsize=(11 if has_lm_eval else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for i, arm in enumerate(names):
         values = [e["loss"] for e in arms[arm]]
         ax.bar(i, statistics.fmean(values), color="tab:blue" if arm != "uniattn" else "tab:orange", alpha=0.7)
@@ -161,7 +162,17 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("held-out response loss (lower is better)")
     low = min(e["loss"] for rows in arms.values() for e in rows)
     ax.set_ylim(low * 0.9, None)
-    ax = axes[1]
+    if has_lm_eval:
+        _plot_accuracy(axes[0][1], arms, names)
+    fig.suptitle(f"SmolLM2-135M-Instruct, PMC-LLaMA, layout {' '.join(summary['superblock'])}, "
+                 f"{len(summary['seeds'])} seeds ({summary['size']} size, {summary.get('device', '?')})")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.rename(path)
+
+
+def _plot_accuracy(ax, arms: dict, names: list[str]) -> None:
     width = 0.38
     for j, group in enumerate(GROUPS):
         means = []
@@ -172,11 +183,6 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel("lm-eval accuracy (mean over seeds)")
     ax.legend()
-    fig.suptitle(f"SmolLM2-135M-Instruct, PMC-LLaMA, layout {' '.join(summary['superblock'])} ({summary['size']} size)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.rename(path)
 
 
 def main(argv=None) -> int:
