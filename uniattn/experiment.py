@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -43,6 +42,7 @@ import torch
 
 from .data import load_records
 from .eval.split import split_key, train_eval_split
+from .train import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +122,7 @@ def prepare_data(data: Path, out: Path) -> dict:
     for name, rows in (("train", train), ("val", val)):
         if not paths[name].exists():
             write_json(paths[name], rows)
-    return {"train": paths["train"], "val": paths["val"], "heldout": heldout, "counts": (len(train), len(val), len(heldout))}
-
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    return {"train": paths["train"], "val": val, "heldout": heldout, "counts": (len(train), len(val), len(heldout))}
 
 
 def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> float:
@@ -184,7 +178,7 @@ class Experiment:
             return final
         self._may_start(f"training {run.name}")
         cmd = [self.py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.args.num_gpus),
-               "--master_port", _port(), "--module", "uniattn.train", *ARM_FLAGS[arm],
+               "--master_port", str(free_port()), "--module", "uniattn.train", *ARM_FLAGS[arm],
                "--model_dir", self.args.model_dir, "--data", str(data["train"]), "--output_dir", str(run),
                "--seed", str(seed), "--learning_rate", f"{lr:g}", *self.size.train_flags, *self.args.train_args]
         if arm != "plain":
@@ -198,8 +192,8 @@ class Experiment:
             shutil.rmtree(ckpt)  # resumability is only needed while the run is unfinished
         return final
 
-    def loss(self, path: Path, records, tag: str) -> dict:
-        """Response loss of ``path`` on ``records``, cached under ``tag``."""
+    def loss(self, path: Path, records, tag: str, with_kv: bool = False) -> dict:
+        """Response loss of ``path`` on ``records`` (+ KV bytes and parameters), cached under ``tag``."""
         cache = self.out / "eval" / f"{tag}.json"
         if cache.exists():
             return json.loads(cache.read_text())
@@ -210,7 +204,7 @@ class Experiment:
         model, tokenizer = load_model(path, device=device)
         loss, tokens = response_loss(model, tokenizer, records, self.size.max_length, desc=tag)
         result = {"loss": loss, "tokens": tokens, "model": str(path)}
-        if tag.startswith("heldout_"):
+        if with_kv:
             from .kv_report import kv_and_params
 
             result.update(kv_and_params(model))
@@ -239,7 +233,7 @@ class Experiment:
         start = time.perf_counter()
         data = prepare_data(Path(self.args.data), self.out)
         heldout = data["heldout"][: self.size.heldout] if self.size.heldout else data["heldout"]
-        val = load_records(data["val"])[: self.size.val_limit]
+        val = data["val"][: self.size.val_limit]
         logger.info("records: %d train, %d validation, %d held out (%d scored)", *data["counts"], len(heldout))
         arms = [a for a in self.args.arms if a != "base"]
         init_path = self.init_calc(data) if "uniattn" in arms else None
@@ -264,7 +258,7 @@ class Experiment:
                 models[f"{arm}_seed{seed}"] = (arm, seed, self.train(arm, chosen[arm], seed, data, init_path))
         results = {}
         for name, (arm, seed, path) in models.items():
-            entry = {"arm": arm, "seed": seed, "path": str(path), **self.loss(path, heldout, f"heldout_{name}")}
+            entry = {"arm": arm, "seed": seed, "path": str(path), **self.loss(path, heldout, f"heldout_{name}", with_kv=True)}
             scores = self.lm_eval(path, name, run=not self.args.skip_lm_eval)
             if scores is not None:
                 entry["lm_eval"] = scores

@@ -461,14 +461,18 @@ def train(script, targs: dict, checked: Checked) -> Path:
     return stages[-1].final
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launcher_env() -> None:
     # DeepSpeed without a launcher looks for MPI; one process needs only these.
     if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def main(argv=None) -> int:
