@@ -46,8 +46,8 @@ def _randomise(model, seed):
 
 def make_pair(family: str, layout=LAYOUT, attn: str = "eager", seed: int = 0, compensation: bool = True,
               sharing: str = "softmax"):
-    """A stock model and a UniAttn (``sharing="kv"``: CLA) model sharing every weight; W_c random unless
-    ``compensation=False``."""
+    """A stock model and a UniAttn (``sharing="kv"``: CLA, ``"drop"``: followers without attention) model
+    sharing every weight; W_c random unless ``compensation=False``."""
     torch.manual_seed(seed)
     stock = STOCK[family](stock_config(family, attn)).eval()
     _randomise(stock, seed)
@@ -57,7 +57,8 @@ def make_pair(family: str, layout=LAYOUT, attn: str = "eager", seed: int = 0, co
     uni = cls(config).eval()
     missing, unexpected = uni.load_state_dict(stock.state_dict(), strict=False)
     assert all("compensation" in k for k in missing), missing
-    dropped = ("k_proj", "v_proj") if sharing == "kv" else ("q_proj", "k_proj")
+    dropped = {"kv": ("k_proj", "v_proj"), "drop": ("q_proj", "k_proj", "v_proj", "o_proj")}.get(
+        sharing, ("q_proj", "k_proj"))
     assert all(k.split(".")[-2] in dropped for k in unexpected), unexpected
     if compensation:
         g = torch.Generator().manual_seed(seed + 1)

@@ -228,3 +228,145 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_base, tmp_path, capsys,
     assert init_main(args) == 2
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+# ------------------------------------------------------------------ --ridge auto
+from uniattn.init_calc import holdout_flags, select_ridge  # noqa: E402
+
+
+@pytest.mark.parametrize("bias", (False, True))
+def test_heldout_error_from_sufficient_statistics_is_the_direct_mse(bias):
+    g = torch.Generator().manual_seed(5)
+    u, t = torch.randn(123, 6, generator=g, dtype=torch.float64), torch.randn(123, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(6 + bias, 4, generator=g, dtype=torch.float64)
+    held = NormalEquations(6, 4, bias)
+    for chunk in range(0, 123, 50):
+        held.add(u[chunk : chunk + 50], t[chunk : chunk + 50])
+    design = torch.cat([u, torch.ones(123, 1, dtype=torch.float64)], 1) if bias else u
+    direct = float(((design @ w - t) ** 2).sum() / 123)
+    assert held.residual(w) == pytest.approx(direct, rel=1e-12)
+    # and the merged statistics are the statistics of the union
+    other = NormalEquations(6, 4, bias)
+    other.add(u[:7], t[:7])
+    both = held.merged(other)
+    assert int(both.count) == 130 and both.residual(w) == pytest.approx(
+        float((((design @ w - t) ** 2).sum() + ((design[:7] @ w - t[:7]) ** 2).sum()) / 130), rel=1e-12)
+
+
+def test_auto_picks_a_larger_ridge_when_few_fit_tokens_and_large_noise():
+    g = torch.Generator().manual_seed(7)
+    d, n_fit, n_held = 24, 30, 600
+    w_star = torch.randn(d, 5, generator=g, dtype=torch.float64) * 0.1
+    u = torch.randn(n_fit + n_held, d, generator=g, dtype=torch.float64)
+    t = u @ w_star + 3.0 * torch.randn(n_fit + n_held, 5, generator=g, dtype=torch.float64)
+    fit, held = NormalEquations(d, 5, False), NormalEquations(d, 5, False)
+    fit.add(u[:n_fit], t[:n_fit])
+    held.add(u[n_fit:], t[n_fit:])
+    grid = (1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0)
+    chosen, errors = select_ridge(fit, held, grid)
+    assert chosen > min(grid)
+    assert errors[grid.index(chosen)] == min(errors)
+    assert errors[grid.index(chosen)] < errors[0]
+    for r, e in zip(grid, errors):  # each error is the direct held-out MSE of that ridge's fit-part solution
+        x = fit.solve(r)
+        assert e == pytest.approx(float(((u[n_fit:] @ x - t[n_fit:]) ** 2).sum() / n_held), rel=1e-9)
+
+
+def _with_holdout(batches, every=2):
+    return [{**b, "holdout": torch.arange(len(b["input_ids"])) % every == k % every} for k, b in enumerate(batches)]
+
+
+def test_auto_with_one_grid_value_equals_that_fixed_ridge_on_all_tokens(family):
+    batches = _batches(n=9)
+    stock, fixed = make_pair(family, layout=(2, 1, 6), compensation=False, seed=34)
+    _, auto = make_pair(family, layout=(2, 1, 6), compensation=False, seed=34)
+    want_report = propagate(stock, fixed, batches, fit=True, ridge=1e-2, progress=False)
+    report = propagate(stock, auto, _with_holdout(batches), fit=True, ridge="auto", ridge_grid=(1e-2,), progress=False)
+    want = {n: p for n, p in fixed.named_parameters() if "compensation" in n}
+    got = {n: p for n, p in auto.named_parameters() if "compensation" in n}
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-9)
+    for r, w in zip(report, want_report):
+        assert r["ridge"] == 1e-2 and len(r["holdout_mse"]) == 1
+        assert r["fit_tokens"] > 0 and r["holdout_tokens"] > 0 and r["fit_tokens"] + r["holdout_tokens"] == w["tokens"]
+        assert r["tokens"] == w["tokens"] and r["fit_mse"] == pytest.approx(w["fit_mse"], rel=1e-6)
+
+
+def test_holdout_split_is_deterministic_and_keeps_copies_of_a_question_together():
+    rows = [{"instruction": f"As a doctor, {i}", "input": f"###Question: q{i % 10}\n###Options: A"} for i in range(60)]
+    flags = holdout_flags(rows, 0.3)
+    assert flags == holdout_flags(list(rows), 0.3)
+    assert all(flags[i] == flags[i % 10] for i in range(60))
+    assert 0 < sum(flags[:10]) < 10
+
+
+def test_cli_ridge_auto_records_the_choice(tiny_base, tmp_path):
+    data = _data(tmp_path, n=16)
+    out, ref = tmp_path / "auto.safetensors", tmp_path / "fixed.safetensors"
+    assert init_main(_args(tiny_base, data, out, "--ridge", "auto", "--holdout_fraction", "0.4")) == 0
+    meta = read_metadata(out)
+    assert meta["ridge"] == "auto" and meta["holdout_fraction"] == 0.4
+    assert meta["ridge_grid"] == [1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0]
+    assert meta["fit_tokens"] > 0 and meta["holdout_tokens"] > 0
+    assert meta["fit_tokens"] + meta["holdout_tokens"] == meta["tokens"]
+    for f in meta["followers"]:
+        assert len(f["holdout_mse"]) == len(meta["ridge_grid"])
+        assert f["ridge"] in meta["ridge_grid"]
+        assert f["holdout_mse"][meta["ridge_grid"].index(f["ridge"])] == min(f["holdout_mse"])
+        assert (f["fit_tokens"], f["holdout_tokens"]) == (meta["fit_tokens"], meta["holdout_tokens"])
+    # one grid value: the same W_c as that fixed ridge on every token
+    one = tmp_path / "one.safetensors"
+    assert init_main(_args(tiny_base, data, one, "--ridge", "auto", "--ridge_grid", "0.01")) == 0
+    assert init_main(_args(tiny_base, data, ref, "--ridge", "0.01")) == 0
+    assert read_metadata(ref)["ridge"] == 0.01 and "ridge_grid" not in read_metadata(ref)
+    a, b = load_init(one, _config(tiny_base)), load_init(ref, _config(tiny_base))
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ridge", "lots"], "--ridge 'lots' is not a positive number"),
+        (["--ridge", "-0.5"], "--ridge '-0.5' is not a positive number"),
+        (["--ridge", "0"], "--ridge '0' is not a positive number"),
+        (["--ridge", "auto", "--ridge_grid"], "--ridge_grid is empty"),
+        (["--ridge", "auto", "--ridge_grid", "1e-2", "-1"], "--ridge_grid value '-1' is not a positive number"),
+        (["--ridge", "auto", "--ridge_grid", "1e-2", "x"], "--ridge_grid value 'x' is not a positive number"),
+        (["--ridge", "auto", "--holdout_fraction", "0"], "--holdout_fraction '0' is outside (0, 1)"),
+        (["--ridge", "auto", "--holdout_fraction", "1"], "--holdout_fraction '1' is outside (0, 1)"),
+        (["--ridge", "auto", "--holdout_fraction", "half"], "--holdout_fraction 'half' is outside (0, 1)"),
+        (["--ridge", "auto", "--holdout_fraction", "1e-12"], "leaves the held-out part without all tokens"),
+        (["--ridge", "auto", "--holdout_fraction", "0.999999999999"], "leaves the fit part without all tokens"),
+    ],
+)
+def test_bad_ridge_options_fail_clearly_and_write_nothing(tiny_base, tmp_path, capsys, extra, message):
+    data = _data(tmp_path)
+    out = tmp_path / "out" / "init.safetensors"
+    args = _args(tiny_base, data, out, "--save_model", str(tmp_path / "model"), *extra)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert init_main(args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_ridge_auto_two_processes_one_without_a_batch_agree_with_one(tiny_base, tmp_path):
+    from uniattn.data import load_records
+
+    data = _data(tmp_path, n=8)
+    flags = holdout_flags(load_records(data), 0.5)
+    assert 0 < sum(flags) < len(flags)  # both sides hold records
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    extra = ("--ridge", "auto", "--holdout_fraction", "0.5", "--batch_size", "8")  # one batch: rank 1 gets none
+    assert init_main(_args(tiny_base, data, one, *extra)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                    "-m", "uniattn.init_calc", *_args(tiny_base, data, two, *extra)], check=True, env=env)
+    m1, m2 = read_metadata(one), read_metadata(two)
+    assert m2["world_size"] == 2
+    assert [f["ridge"] for f in m2["followers"]] == [f["ridge"] for f in m1["followers"]]
+    for f1, f2 in zip(m1["followers"], m2["followers"]):
+        assert f2["holdout_mse"] == pytest.approx(f1["holdout_mse"], rel=1e-6)
+    a, b = load_init(one, _config(tiny_base)), load_init(two, _config(tiny_base))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)

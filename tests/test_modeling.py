@@ -118,7 +118,7 @@ def test_beam_search_with_cache_equals_without(family):
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
 
 
-@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("sharing", SHARINGS + ("drop",))  # drop: the layer-dropping baseline (test_drop.py)
 @pytest.mark.parametrize("cache", ("dynamic", "static"))
 def test_kv_cache_bytes_and_parameter_count(cache, sharing):
     stock, uni = make_pair("llama", seed=15, sharing=sharing)
@@ -141,10 +141,16 @@ def test_kv_cache_bytes_and_parameter_count(cache, sharing):
         assert cache_nbytes(prefill(uni)) * 2 * L == cache_nbytes(prefill(stock)) * (2 * L - F)
         assert n_uni == n_stock - F * (q + k) + F * w_c
         kept, gone = ("v_proj", "o_proj", "compensation"), ("q_proj", "k_proj")
-    else:  # CLA followers: no cache at all, no k/v projections, no W_c
+    elif sharing == "kv":  # CLA followers: no cache at all, no k/v projections, no W_c
         assert cache_nbytes(prefill(uni)) * L == cache_nbytes(prefill(stock)) * (L - F)
         assert n_uni == n_stock - F * 2 * k
         kept, gone = ("q_proj", "o_proj"), ("k_proj", "v_proj", "compensation")
+    else:  # dropped followers: no cache, no attention parameters at all (q, k, v and o projections gone)
+        assert cache_nbytes(prefill(uni)) * L == cache_nbytes(prefill(stock)) * (L - F)
+        o = hidden * cfg.num_attention_heads * cfg.head_dim + hidden
+        assert n_uni == n_stock - F * (q + 2 * k + o)
+        assert all(not list(uni.model.layers[i].self_attn.parameters()) for i in layout.followers)
+        kept, gone = (), ("q_proj", "k_proj", "v_proj", "o_proj", "compensation")
     for i in layout.followers:
         attn = uni.model.layers[i].self_attn
         assert all(hasattr(attn, n) for n in kept) and not any(hasattr(attn, n) for n in gone)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import LAYOUT, make_checkpoint, make_init, run_script, write_data
+from train_helpers import LAYOUT, fails, make_checkpoint, make_init, run_script, write_data
 
 from uniattn.train import main as train_main
 
@@ -33,14 +33,6 @@ def argv(work, out, mode="uniattn", layout=LAYOUT, init=None, data=None, extra=(
     if mode == "uniattn":
         args += ["--init_path", str(init or work["init"])]
     return args
-
-
-def fails(capsys, args, *needles):
-    assert train_main(args) == 2
-    err = capsys.readouterr().err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def test_malformed_json_line(work, tmp_path, capsys):

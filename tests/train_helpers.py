@@ -91,3 +91,14 @@ def state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(Path(path) / "model.safetensors")
+
+
+def fails(capsys, args, *needles) -> str:
+    """``uniattn.train`` refuses ``args`` with exit 2 and a message holding every needle."""
+    from uniattn.train import main as train_main
+
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    return err

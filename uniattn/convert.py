@@ -1,12 +1,14 @@
 """Turn a plain LLaMA / Mistral / Gemma-2 checkpoint into a UniAttn checkpoint.
 
-    python -m uniattn.convert BASE_DIR OUT_DIR --superblock G B E [--sharing kv]
+    python -m uniattn.convert BASE_DIR OUT_DIR --superblock G B E [--sharing kv|drop]
 
 The family is read from ``BASE_DIR/config.json`` (``model_type``), never from
 the path. Followers lose ``q_proj`` / ``k_proj``; every ``W_c`` starts at zero
 (the closed-form values come from ``uniattn.init_calc``). ``--sharing kv``
 builds the cross-layer KV sharing (CLA) baseline instead: followers lose
-``k_proj`` / ``v_proj`` and have no ``W_c``. The tokenizer and
+``k_proj`` / ``v_proj`` and have no ``W_c``. ``--sharing drop`` builds the
+layer-dropping (LLMDrop) baseline: followers lose their whole attention
+(``q/k/v/o_proj``; their layer norms stay) and have no ``W_c``. The tokenizer and
 generation config are copied, and the saved checkpoint carries ``auto_map`` and
 the modeling code, so it loads with ``trust_remote_code=True`` anywhere.
 The output is staged under a temporary name and renamed when complete.
@@ -47,15 +49,19 @@ def uniattn_config_from(base_config, superblock: tuple[int, int, int], sharing: 
     return config_class(**fields, superblock_size=g, superblock_begin=b, superblock_end=e, superblock_sharing=sharing)
 
 
+# superblock_sharing -> the base attention projections a follower does not have
+DROPPED_PROJECTIONS = {"softmax": "qk", "kv": "kv", "drop": "qkvo"}
+
+
 def dropped_keys(config) -> set[str]:
-    """Base weights a follower does not have: Q/K for UniAttn, K/V for CLA."""
-    projections = "kv" if config.superblock_sharing == "kv" else "qk"
+    """Base weights a follower does not have: Q/K for UniAttn, K/V for CLA, Q/K/V/O for drop."""
+    projections = DROPPED_PROJECTIONS[config.superblock_sharing]
     return {f"model.layers.{i}.self_attn.{p}_proj.{w}"
             for i in config.superblock_layout.followers for p in projections for w in ("weight", "bias")}
 
 
 def load_converted(base_dir, superblock, dtype="auto", sharing: str = "softmax"):
-    """Load a plain checkpoint straight into a UniAttn (or CLA) model (``W_c = 0``); returns (model, config)."""
+    """Load a plain checkpoint straight into a UniAttn (or CLA, or drop) model (``W_c = 0``); returns (model, config)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -131,7 +137,8 @@ def copy_tokenizer(src, dst) -> bool:
 
 
 def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False, sharing: str = "softmax") -> Path:
-    """Convert ``base_dir`` into a UniAttn (or, ``sharing="kv"``, CLA) checkpoint with layout ``(G, B, E)``."""
+    """Convert ``base_dir`` into a UniAttn (``sharing="kv"``: CLA, ``"drop"``: layer dropping) checkpoint
+    with layout ``(G, B, E)``."""
     import uniattn  # noqa: F401  (registers the auto classes so the save carries auto_map)
 
     base = Path(base_dir)
@@ -146,14 +153,17 @@ def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False
 
 
 def main(argv=None) -> int:
+    from .modeling.configuration_uniattn import SHARINGS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base_dir", help="plain Hugging Face checkpoint (LLaMA, Mistral or Gemma-2)")
     parser.add_argument("out_dir", help="where to write the UniAttn checkpoint")
     parser.add_argument("--superblock", nargs=3, type=int, required=True, metavar=("G", "B", "E"),
                         help="SuperBlock size, first layer, end layer (exclusive), e.g. 4 16 33")
     parser.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help="weight dtype to save")
-    parser.add_argument("--sharing", default="softmax", choices=("softmax", "kv"),
-                        help="what followers reuse: softmax (UniAttn) or kv (cross-layer KV sharing, CLA)")
+    parser.add_argument("--sharing", default="softmax", choices=SHARINGS,
+                        help="what followers reuse: softmax (UniAttn), kv (cross-layer KV sharing, CLA) "
+                             "or drop (no attention at all: layer dropping, LLMDrop)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -47,7 +47,7 @@ def load_records(path: str | Path) -> list[dict]:
             raise DataError(f"{path} is not valid JSON ({err}); expected a list of records or JSON lines") from err
     else:
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # JSONL breaks only at newlines; str.splitlines also splits at U+2028
             if not line.strip():
                 continue
             try:

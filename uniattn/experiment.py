@@ -343,8 +343,13 @@ def main(argv=None) -> int:
     if not (Path(args.model_dir) / "config.json").is_file():
         print(f"error: --model_dir {args.model_dir} has no config.json; pass a Hugging Face checkpoint", file=sys.stderr)
         return 2
+    return exit_code(lambda: Experiment(args).run())
+
+
+def exit_code(run) -> int:
+    """Call ``run()`` (which returns the results path) and map its outcome to the CLI's exit status."""
     try:
-        path = Experiment(args).run()
+        path = run()
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

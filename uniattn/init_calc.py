@@ -12,19 +12,29 @@ Softmax unification took away from the residual stream (UNIATTN.md section 4):
   float64 normal equations ``U^T U`` and ``U^T T`` (memory O(hidden^2), any
   number of samples; ranks all-reduce them, so every rank solves the same system).
 
+``lambda`` is relative: ``ridge * mean(diag(U^T U))``. ``--ridge auto`` chooses it per follower on
+held-out error: the calibration records are split (a salted hash of each record's question, so
+copies of one question stay on one side) into a fit part and a held-out part; for every value of
+``--ridge_grid`` ``W`` is solved on the fit statistics and its held-out mean squared error is read
+exactly from the held-out sufficient statistics (``T^T T``, ``U^T T``, ``U^T U``); the ridge with the
+lowest error is then refitted on both parts together. Same single pass, same all-reduce.
+
 Both models are propagated layer by layer over the whole calibration set (their
 hidden states are kept), so the calculation costs about two forward passes
 (plus the follower layers once more), not one pass per follower.
 
     python -m uniattn.init_calc --model_dir BASE --data FILE --superblock 4 14 30 \\
-        --num_layers 30 --output OUT/uniattn_init.safetensors [--save_model OUT/model]
+        --num_layers 30 --output OUT/uniattn_init.safetensors [--save_model OUT/model] \\
+        [--ridge auto --ridge_grid 1e-6 1e-4 1e-2 1e-1 1 10 --holdout_fraction 0.25]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -38,10 +48,17 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .data import DataError, collate, load_records, tokenize
-from .eval.split import train_eval_split
+from .eval.split import split_key, train_eval_split
 from .modeling import FOLLOWER
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_RIDGE = 1e-4
+DEFAULT_RIDGE_GRID = (1e-6, 1e-4, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_HOLDOUT_FRACTION = 0.25
+# Not uniattn.eval.split's salt: with it, the records calibration keeps (those the evaluation split
+# does not hold out) would all fall on one side of this split too.
+HOLDOUT_SALT = "uniattn-init-ridge-holdout-v1"
 
 
 # ---------------------------------------------------------------- statistics
@@ -90,6 +107,27 @@ class NormalEquations:
     def target_energy(self) -> float:
         return float(self.tt / self.count)
 
+    def merged(self, other: "NormalEquations") -> "NormalEquations":
+        """The sums over both token sets (e.g. the fit part and the held-out part)."""
+        out = NormalEquations.__new__(NormalEquations)
+        out.bias = self.bias
+        out.utu, out.utt = self.utu + other.utu, self.utt + other.utt
+        out.tt, out.count = self.tt + other.tt, self.count + other.count
+        return out
+
+
+def select_ridge(fit: NormalEquations, held: NormalEquations, grid) -> tuple[float, list[float]]:
+    """The grid ridge whose fit-part solution has the lowest held-out MSE, and every grid value's held-out MSE.
+
+    The held-out error is exact, from the held-out sums alone:
+    ``(tr(T^T T) - 2 tr(W^T U^T T) + tr(W^T U^T U W)) / count`` (float64). Ties go to the first grid value.
+    """
+    if fit.count == 0 or held.count == 0:
+        raise ValueError(f"ridge selection needs tokens on both sides (fit {int(fit.count)}, held-out {int(held.count)})")
+    errors = [held.residual(fit.solve(r)) for r in grid]
+    best = min(range(len(grid)), key=lambda k: (errors[k] if math.isfinite(errors[k]) else math.inf, k))
+    return float(grid[best]), errors
+
 
 # ---------------------------------------------------------------- propagation
 @dataclass
@@ -101,6 +139,7 @@ class Prepared:
     position_ids: torch.Tensor
     masks: dict
     real: torch.Tensor  # [batch, seq] bool: the tokens the statistics and errors count
+    held: torch.Tensor | None = None  # [batch, seq] bool: real tokens of held-out records (``--ridge auto``)
 
     def layer_kwargs(self, config, i: int) -> dict:
         return {
@@ -128,8 +167,16 @@ def prepare(model, batch: dict, tokens: str) -> Prepared:
     masks = {"full_attention": create_causal_mask(**kwargs)}
     if getattr(model.config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-    real = attn.bool() if tokens == "all" else (batch["labels"].to(device) != -100)
-    return Prepared(x, inner.rotary_emb(x, position_ids), position_ids, masks, real)
+    real = real_tokens(batch, tokens).to(device)
+    held = None
+    if "holdout" in batch:
+        held = real & batch["holdout"].to(device)[:, None]
+    return Prepared(x, inner.rotary_emb(x, position_ids), position_ids, masks, real, held)
+
+
+def real_tokens(batch: dict, tokens: str) -> torch.Tensor:
+    """[batch, seq] bool: the tokens that enter the statistics (``tokens``: "all" real tokens or the "response")."""
+    return batch["attention_mask"].bool() if tokens == "all" else (batch["labels"] != -100)
 
 
 def _post_attention(layer, x, attn_out, gemma: bool):
@@ -144,15 +191,25 @@ def _finish(layer, r, gemma: bool):
 
 
 @torch.no_grad()
-def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=True) -> list[dict]:
+def propagate(base, uni, batches, tokens="all", fit=True, ridge=DEFAULT_RIDGE, progress=True,
+              ridge_grid=DEFAULT_RIDGE_GRID) -> list[dict]:
     """Run both models layer by layer over ``batches``; fit each follower's ``W_c`` when ``fit``.
 
     Every layer of either model runs once per batch; a follower's attention output is kept
     until its ``W_c`` is solved. Returns one record per follower: the least-squares fit
     (target energy and residual per token before / after) and the relative residual-stream
     error ``sum ||r_base - r_uni||^2 / sum ||r_base||^2`` after the follower's attention.
+
+    ``ridge="auto"``: every batch carries ``holdout`` ([batch] bool, which records are held out);
+    each follower's ridge is the ``ridge_grid`` value with the lowest held-out error of the
+    fit-part solution (``select_ridge``), refitted on all tokens; the record adds ``ridge``,
+    ``holdout_mse`` (one per grid value), ``holdout_target_mse`` (``W_c = 0``) and the token counts.
     """
+    auto = fit and ridge == "auto"
+    if auto and any("holdout" not in b for b in batches):
+        raise ValueError("ridge='auto' needs every batch to carry a 'holdout' row mask (make_batches(..., holdout=...))")
     config = uni.config
+    device = next(uni.parameters()).device  # not from a batch: a rank may have none
     layout = config.superblock_layout
     gemma = config.base_model_type == "gemma2"
     prep = [prepare(uni, b, tokens) for b in batches]
@@ -170,7 +227,9 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=T
                 xu[k] = ul(xu[k], uniattn_states=states[k], **kw)
             continue
         comp = ul.self_attn.compensation
-        eq = NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None, device=xu[0].device)
+        eq = NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None, device=device)
+        eq_held = (NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None, device=device)
+                   if auto else None)
         kept = []
         for k, p in enumerate(prep):
             kw = p.layer_kwargs(config, i)
@@ -180,16 +239,33 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=T
             au = ul.self_attn(u, uniattn_states=states[k], **kw)[0] - comp(u)  # without this follower's W_c
             if fit:
                 target = (ab - au) if gemma else (rb - _post_attention(ul, xu[k], au, gemma))
-                eq.add(u[p.real], target[p.real])
+                if auto:
+                    fit_part = p.real & ~p.held
+                    eq.add(u[fit_part], target[fit_part])
+                    eq_held.add(u[p.held], target[p.held])
+                else:
+                    eq.add(u[p.real], target[p.real])
             kept.append((rb, u, au))
         if fit:
             eq.all_reduce()
-            x = eq.solve(ridge)
+            extra = {}
+            if auto:
+                eq_held.all_reduce()
+                chosen, errors = select_ridge(eq, eq_held, ridge_grid)
+                extra = {"ridge": chosen, "holdout_mse": errors, "holdout_target_mse": eq_held.target_energy(),
+                         "fit_tokens": int(eq.count), "holdout_tokens": int(eq_held.count)}
+                logger.info("follower %d: ridge %g (held-out MSE %.4g; W_c=0 %.4g; grid %s)", i, chosen,
+                            errors[list(ridge_grid).index(chosen)], extra["holdout_target_mse"],
+                            " ".join(f"{r:g}:{e:.4g}" for r, e in zip(ridge_grid, errors)))
+                eq = eq.merged(eq_held)  # refit with the chosen ridge on every token
+                x = eq.solve(chosen)
+            else:
+                x = eq.solve(ridge)
             before, after = eq.target_energy(), eq.residual(x)
             comp.weight.copy_(x[: config.hidden_size].T.to(comp.weight.dtype))
             if comp.bias is not None:
                 comp.bias.copy_(x[config.hidden_size].to(comp.bias.dtype))
-        err = torch.zeros(2, dtype=torch.float64, device=eq.utu.device)
+        err = torch.zeros(2, dtype=torch.float64, device=device)
         for k, (p, (rb, u, au)) in enumerate(zip(prep, kept)):
             ru = _post_attention(ul, xu[k], au + comp(u), gemma)
             diff, ref = (rb - ru)[p.real].double(), rb[p.real].double()
@@ -199,16 +275,69 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=1e-4, progress=T
             dist.all_reduce(err)
         row = {"layer": i, "leader": layout.leader_of(i), "stream_rel_error": float(err[0] / err[1])}
         if fit:
-            row.update(tokens=int(eq.count), target_mse=before, fit_mse=after)
+            row.update(tokens=int(eq.count), target_mse=before, fit_mse=after, **extra)
         report.append(row)
     return report
 
 
 # ---------------------------------------------------------------- driver
-def make_batches(records, tokenizer, max_length: int, batch_size: int) -> list[dict]:
+def make_batches(records, tokenizer, max_length: int, batch_size: int, holdout: list[bool] | None = None) -> list[dict]:
+    """Padded batches in record order; with ``holdout`` (one flag per record) each batch also carries
+    ``holdout`` ([batch] bool), so the batches, and the forward passes, are the same with and without it."""
     examples = [tokenize(r, tokenizer, max_length) for r in records]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [collate(examples[s : s + batch_size], pad) for s in range(0, len(examples), batch_size)]
+    batches = [collate(examples[s : s + batch_size], pad) for s in range(0, len(examples), batch_size)]
+    if holdout is not None:
+        for k, b in enumerate(batches):
+            b["holdout"] = torch.tensor(holdout[k * batch_size : k * batch_size + len(b["input_ids"])], dtype=torch.bool)
+    return batches
+
+
+def holdout_score(record) -> float:
+    """A number in [0, 1), fixed per record and equal for copies of one question (``split_key``)."""
+    digest = hashlib.sha256((HOLDOUT_SALT + "\0" + split_key(record)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def holdout_flags(records, fraction: float) -> list[bool]:
+    """Which calibration records ``--ridge auto`` holds out to choose the ridge."""
+    return [holdout_score(r) < fraction for r in records]
+
+
+def parse_ridge_options(args) -> tuple[float | str, tuple[float, ...], float]:
+    """``--ridge``, ``--ridge_grid``, ``--holdout_fraction`` checked; ``ValueError`` naming the value and the fix."""
+    default_grid = " ".join(f"{r:g}" for r in DEFAULT_RIDGE_GRID)
+
+    def positive(text, what, fix):
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{what} {text!r} is not a positive number; {fix}")
+        return value
+
+    ridge = args.ridge if isinstance(args.ridge, float) else str(args.ridge).strip()
+    if not (isinstance(ridge, str) and ridge.lower() == "auto"):
+        ridge = positive(ridge, "--ridge",
+                         f"pass a positive float (relative to mean diag(U^T U), e.g. {DEFAULT_RIDGE:g}) or auto")
+    else:
+        ridge = "auto"
+    grid_text = args.ridge_grid if args.ridge_grid is not None else list(DEFAULT_RIDGE_GRID)
+    if not grid_text:
+        raise ValueError(f"--ridge_grid is empty; give at least one positive ridge, e.g. --ridge_grid {default_grid}")
+    grid = tuple(positive(r, "--ridge_grid value", f"pass positive relative ridges, e.g. --ridge_grid {default_grid}")
+                 for r in grid_text)
+    if len(set(grid)) != len(grid):
+        raise ValueError(f"--ridge_grid {' '.join(map(str, grid_text))} repeats a value; list each ridge once")
+    try:
+        fraction = float(args.holdout_fraction)
+    except (TypeError, ValueError):
+        fraction = math.nan
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--holdout_fraction {args.holdout_fraction!r} is outside (0, 1); "
+                         f"pass e.g. {DEFAULT_HOLDOUT_FRACTION}")
+    return ridge, grid, fraction
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -235,6 +364,7 @@ def run(args) -> dict:
     from .convert import save_checkpoint, uniattn_config_from
     from .init_file import save_init
 
+    ridge, grid, fraction = parse_ridge_options(args)
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"--model_dir {model_dir} has no config.json: pass a Hugging Face checkpoint directory")
@@ -266,18 +396,38 @@ def run(args) -> dict:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    batches = shard(make_batches(records, tokenizer, args.max_length, args.batch_size), rank, world)
+    flags = holdout_flags(records, fraction) if ridge == "auto" else None
+    all_batches = make_batches(records, tokenizer, args.max_length, args.batch_size, holdout=flags)
+    split = {}
+    if ridge == "auto":
+        # Every rank sees every batch here, so every rank raises the same error before any model is loaded.
+        held_tokens = sum(int((real_tokens(b, args.tokens) & b["holdout"][:, None]).sum()) for b in all_batches)
+        fit_tokens = sum(int(real_tokens(b, args.tokens).sum()) for b in all_batches) - held_tokens
+        n_held = sum(flags)
+        for side, count in (("fit", fit_tokens), ("held-out", held_tokens)):
+            if count == 0:
+                raise ValueError(
+                    f"--holdout_fraction {fraction:g} leaves the {side} part without {args.tokens} tokens "
+                    f"({len(records) - n_held} fit / {n_held} held-out records of {len(records)}); "
+                    f"use more --num_samples, a {'smaller' if side == 'fit' else 'larger'} --holdout_fraction, "
+                    "or a fixed --ridge")
+        split = {"ridge_grid": list(grid), "holdout_fraction": fraction, "fit_records": len(records) - n_held,
+                 "holdout_records": n_held, "fit_tokens": fit_tokens, "holdout_tokens": held_tokens}
+        logger.info("--ridge auto: %d fit / %d held-out records (%d / %d tokens), grid %s", len(records) - n_held,
+                    n_held, fit_tokens, held_tokens, " ".join(f"{r:g}" for r in grid))
+    batches = shard(all_batches, rank, world)
     base, uni = load_models(model_dir, args.superblock, dtype, device)
     logger.info("%s; %d samples (%d batches on this rank)", layout.describe(), len(records), len(batches))
 
     start = time.perf_counter()
-    report = propagate(base, uni, batches, tokens=args.tokens, fit=True, ridge=args.ridge, progress=rank == 0)
+    report = propagate(base, uni, batches, tokens=args.tokens, fit=True, ridge=ridge, ridge_grid=grid,
+                       progress=rank == 0)
     seconds = time.perf_counter() - start
 
     tensors = {n: p.detach().float().cpu() for n, p in uni.state_dict().items() if ".compensation." in n}
     meta = {
         "samples": len(records), "max_length": args.max_length, "tokens": report[0]["tokens"],
-        "token_selection": args.tokens, "ridge": args.ridge, "dtype": args.dtype, "world_size": world,
+        "token_selection": args.tokens, "ridge": ridge, **split, "dtype": args.dtype, "world_size": world,
         "seconds": round(seconds, 2), "data": str(args.data), "followers": report,
     }
     if rank == 0:
@@ -312,7 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_length", type=int, default=320, help="tokens per record (prompt + response)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--tokens", choices=("all", "response"), default="all", help="which real tokens enter the fit")
-    p.add_argument("--ridge", type=float, default=1e-4, help="ridge, relative to the mean diagonal of U^T U")
+    p.add_argument("--ridge", default=DEFAULT_RIDGE,
+                   help="ridge, relative to the mean diagonal of U^T U (a positive float), or 'auto': per follower, "
+                        "the --ridge_grid value with the lowest error on held-out calibration records")
+    p.add_argument("--ridge_grid", nargs="*", default=None, metavar="R",
+                   help="--ridge auto: relative ridges to try (default: %s)"
+                        % " ".join(f"{r:g}" for r in DEFAULT_RIDGE_GRID))
+    p.add_argument("--holdout_fraction", default=DEFAULT_HOLDOUT_FRACTION,
+                   help="--ridge auto: share of calibration records (by a hash of the question) held out to choose "
+                        "the ridge; the chosen ridge is refitted on all records (default: %(default)s)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="forward dtype (statistics are fp64)")
     p.add_argument("--device", default="auto")
     return p
@@ -334,9 +492,16 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in meta.items() if k != "followers"}))
-        print("| follower | leader | target MSE | fit MSE | stream rel. error |\n|---|---|---|---|---|")
+        auto = meta["ridge"] == "auto"
+        extra_head = " ridge | held-out MSE | held-out W_c=0 |" if auto else ""
+        print(f"| follower | leader | target MSE | fit MSE | stream rel. error |{extra_head}\n"
+              f"|---|---|---|---|---|{'---|---|---|' if auto else ''}")
         for r in meta["followers"]:
-            print(f"| {r['layer']} | {r['leader']} | {r['target_mse']:.4g} | {r['fit_mse']:.4g} | {r['stream_rel_error']:.4g} |")
+            line = f"| {r['layer']} | {r['leader']} | {r['target_mse']:.4g} | {r['fit_mse']:.4g} | {r['stream_rel_error']:.4g} |"
+            if auto:
+                best = r["holdout_mse"][meta["ridge_grid"].index(r["ridge"])]
+                line += f" {r['ridge']:g} | {best:.4g} | {r['holdout_target_mse']:.4g} |"
+            print(line)
         print(f"wrote {args.output}" + (f" and {args.save_model}" if args.save_model else ""))
     return 0
 

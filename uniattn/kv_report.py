@@ -1,4 +1,4 @@
-"""KV-cache bytes and parameter counts of a UniAttn (or CLA) checkpoint against its base model.
+"""KV-cache bytes and parameter counts of a UniAttn (or CLA, or drop) checkpoint against its base model.
 
     python -m uniattn.kv_report BASE_DIR UNIATTN_DIR [--tokens 1024 --batch 1]
 
@@ -15,6 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from .modeling.cache import cache_nbytes
+
+# superblock_sharing -> the name of the arm in the table
+LABELS = {"softmax": "UniAttn", "kv": "CLA", "drop": "drop (LLMDrop)"}
 
 
 @torch.no_grad()
@@ -42,7 +45,7 @@ def table(base_dir, uni_dir, tokens=256, batch=1) -> str:
         "| model | layout | KV cache after prefill | parameters |",
         "|---|---|---|---|",
         f"| base | - | {base['cache'] / 2**20:.2f} MiB | {base['params'] / 1e6:.2f} M |",
-        f"| {'CLA' if uni['sharing'] == 'kv' else 'UniAttn'} | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
+        f"| {LABELS.get(uni['sharing'], 'UniAttn')} | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
         f"| {uni['params'] / 1e6:.2f} M ({uni['params'] / base['params'] - 1:+.2%}) |",
     ]
     return "\n".join(rows) + f"\n\n(fp32, batch {batch}, {tokens} prompt tokens)"

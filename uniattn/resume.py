@@ -137,8 +137,12 @@ def resume_point(folder: Path, world_size: int, deepspeed: bool = True) -> Path 
     return found[-1]
 
 
-def check_run_file(output_dir: Path, identity: dict) -> None:
-    """Refuse an OUTPUT_DIR that holds another run (or something else): resuming it would mix two runs."""
+def check_run_file(output_dir: Path, identity: dict, defaults: dict | None = None) -> None:
+    """Refuse an OUTPUT_DIR that holds another run (or something else): resuming it would mix two runs.
+
+    ``defaults`` gives the value of a setting that a run file written before that setting existed lacks
+    (and that ``identity`` may leave out), so such a run still resumes when the setting is at its default.
+    """
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
@@ -155,7 +159,10 @@ def check_run_file(output_dir: Path, identity: dict) -> None:
         saved = json.loads(run_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{run_file} is unreadable ({err}); delete OUTPUT_DIR {output_dir} to start over") from err
-    differ = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+    defaults = defaults or {}
+    keys = list(identity) + [k for k in defaults if k not in identity]
+    both = {k: (saved.get(k, defaults.get(k)), identity.get(k, defaults.get(k))) for k in keys}
+    differ = {k: (a, b) for k, (a, b) in both.items() if a != b}
     if differ:
         details = "; ".join(f"{k}: there {a!r}, now {b!r}" for k, (a, b) in differ.items())
         raise CheckpointError(

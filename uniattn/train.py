@@ -15,9 +15,19 @@ Modes (UNIATTN.md section 5):
   tensors (everything else ``requires_grad=False``), stage 2 trains everything,
   starting from stage 1's result. ``--zero_init`` starts ``W_c`` at zero instead
   of the init-calc values (the ablation "UniAttn without init").
+  Stage-1 ablations (defaults = the seed's recipe): ``--stage1_objective kl``
+  distils the base model's next-token distribution instead of the SFT loss
+  (optionally on unlabelled ``--stage1_data``), ``--stage1_trainable
+  compensation_vo`` also trains the followers' V/O projections,
+  ``--stage1_share F`` splits the records and ``--max_steps`` between the
+  stages (equal total steps, no record seen by both), ``--init_scale S``
+  multiplies the init-calc ``W_c`` by ``S``.
 * ``cla``: the cross-layer KV sharing baseline on the same layout: followers keep
   their Q and attend over the leader's K and V (their own K/V projections are
   dropped, no compensation); everything trains, one stage.
+* ``drop``: the layer-dropping (LLMDrop) baseline on the same layout: followers
+  lose their attention sub-layer (``h = x`` + MLP part; no Q/K/V/O projections,
+  no cache, no compensation); everything trains, one stage.
 
 Hyper-parameters come from the preset in ``configs/`` that matches the model
 (see ``uniattn.presets``); any ``TrainingArguments`` flag overrides it. The
@@ -37,24 +47,29 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
+import random
+import re
 import shutil
 import signal
 import socket
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback,
                           TrainingArguments)
 
 import uniattn  # noqa: F401  (registers the UniAttn classes, so every save carries auto_map)
 
 from .convert import load_converted, uniattn_config_from
+from .distill import DistillTrainer, load_teacher
 from .data import IGNORE_INDEX, collate, default_data_file, load_records, tokenize
 from .eval.split import train_eval_split
 from .init_file import load_init, read_metadata
@@ -64,11 +79,15 @@ from .resume import CheckpointError, check_run_file, resume_point, write_run_fil
 
 logger = logging.getLogger(__name__)
 
-MODES = ("plain", "softmax", "uniattn", "cla")
+MODES = ("plain", "softmax", "uniattn", "cla", "drop")
 REPO_DIR = CONFIGS_DIR.parent
 # Flags of this script; everything else is a TrainingArguments flag.
 SCRIPT_FLAGS = ("mode", "model_dir", "data", "superblock", "init_path", "preset", "max_length",
                 "effective_batch_size", "attn_implementation", "check_only", "include_eval_items", "zero_init")
+# Stage-1 options of --mode uniattn and their defaults (the seed's recipe). A run file without them (written
+# before they existed) counts as having these values, so it still resumes.
+STAGE1_DEFAULTS = {"stage1_objective": "lm", "stage1_trainable": "compensation", "stage1_share": None,
+                   "init_scale": 1.0, "stage1_data": None}
 TEST_KILL_ENV = "UNIATTN_TEST_SIGKILL_AFTER_SAVE"
 
 
@@ -81,18 +100,18 @@ class Stage:
     name: str             # "train" (plain / softmax), "stage1", "stage2" (uniattn)
     trainer_dir: Path     # where the Trainer writes checkpoint-N
     final: Path           # the stage's finished model
-    trainable: str        # "all", "all_but_compensation", "compensation"
+    trainable: str        # "all", "all_but_compensation", "compensation", "compensation_vo"
 
 
-def plan_stages(mode: str, out: Path) -> list[Stage]:
+def plan_stages(mode: str, out: Path, stage1_trainable: str = "compensation") -> list[Stage]:
     if mode == "plain":
         return [Stage("train", out, out / "final", "all")]
     if mode == "softmax":
         return [Stage("train", out, out / "final", "all_but_compensation")]
-    if mode == "cla":
+    if mode in ("cla", "drop"):
         return [Stage("train", out, out / "final", "all")]
     return [
-        Stage("stage1", out / "stage1", out / "stage1" / "final", "compensation"),
+        Stage("stage1", out / "stage1", out / "stage1" / "final", stage1_trainable),
         Stage("stage2", out / "stage2", out / "final", "all"),
     ]
 
@@ -102,7 +121,7 @@ def build_parser() -> HfArgumentParser:
     parser = HfArgumentParser(TrainingArguments, description=__doc__, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("UniAttn")
-    g.add_argument("--mode", required=True, choices=MODES, help="plain | softmax | uniattn | cla (see above)")
+    g.add_argument("--mode", required=True, choices=MODES, help="plain | softmax | uniattn | cla | drop (see above)")
     g.add_argument("--model_dir", required=True, help="plain Hugging Face checkpoint (LLaMA, Mistral, Gemma-2)")
     g.add_argument("--data", default=str(default_data_file("pmc")), help="SFT records, JSON list or JSONL")
     g.add_argument("--superblock", nargs=3, type=int, metavar=("G", "B", "E"),
@@ -110,6 +129,23 @@ def build_parser() -> HfArgumentParser:
     g.add_argument("--init_path", help="init-calc output with the closed-form W_c (uniattn)")
     g.add_argument("--zero_init", action="store_true",
                    help="uniattn without init calc: W_c starts at zero (ablation; no --init_path)")
+    s1 = parser.add_argument_group("UniAttn stage 1 (--mode uniattn; the defaults are the seed's recipe)")
+    s1.add_argument("--stage1_objective", choices=("lm", "kl"), default="lm",
+                    help="lm: the SFT loss on response tokens; kl: distil the base model (--model_dir, frozen), "
+                         "mean KL(teacher || student) of the next-token distribution over every real token")
+    s1.add_argument("--stage1_data", metavar="FILE",
+                    help="records whose prompt + response text stage 1 uses without labels (--stage1_objective kl; "
+                         "default: the training records)")
+    s1.add_argument("--stage1_trainable", choices=("compensation", "compensation_vo"), default="compensation",
+                    help="compensation: only W_c; compensation_vo: also the followers' v_proj and o_proj")
+    s1.add_argument("--stage1_share", type=float, metavar="F",
+                    help="equal-steps protocol: stage 1 gets a share F in (0, 1) of the records (seeded by --seed) "
+                         "and round(F * max_steps) steps (Python's round), stage 2 the other records and the rest "
+                         "of the steps; with epochs each stage runs them over its own part "
+                         "(default: both stages the whole schedule on the same data). With --stage1_data only "
+                         "the steps are split")
+    s1.add_argument("--init_scale", type=float, default=1.0, metavar="S",
+                    help="multiply the init-calc W_c (weight and bias) by S > 0 before stage 1 (ablation)")
     g.add_argument("--preset", help="YAML preset (default: the file in configs/ that matches the model)")
     g.add_argument("--max_length", type=int, default=1024, help="tokens per example (prompt + response)")
     g.add_argument("--effective_batch_size", type=int, default=48,
@@ -152,8 +188,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict, object]:
     parser.set_defaults(**preset.training)
     ns = parser.parse_args(argv)
     explicit = _explicit_flags(argv)
-    script = argparse.Namespace(**{k: getattr(ns, k) for k in SCRIPT_FLAGS}, preset_path=str(preset.path),
-                                output_dir_given="output_dir" in explicit)
+    script = argparse.Namespace(**{k: getattr(ns, k) for k in (*SCRIPT_FLAGS, *STAGE1_DEFAULTS)},
+                                preset_path=str(preset.path), output_dir_given="output_dir" in explicit,
+                                stage1_given=sorted(explicit & set(STAGE1_DEFAULTS)))
     names = {f.name for f in fields(TrainingArguments) if f.init}
     targs = {k: v for k, v in vars(ns).items() if k in names}
     targs["deepspeed"] = _resolve_repo_path(targs.get("deepspeed"))
@@ -207,6 +244,8 @@ class Checked:
     resume: dict          # stage name -> checkpoint path or None
     identity: dict
     finished: bool
+    # stage name -> {"records": the records it trains on, "max_steps": its own max_steps or None (targs')}
+    plan: dict = field(default_factory=dict)
 
 
 def check_everything(script, targs: dict, config) -> Checked:
@@ -221,6 +260,7 @@ def check_everything(script, targs: dict, config) -> Checked:
         raise UsageError(f"--init_path is only used by --mode uniattn, not {mode}")
     if script.zero_init and (mode != "uniattn" or script.init_path):
         raise UsageError("--zero_init is for --mode uniattn without --init_path (W_c starts at zero)")
+    _check_stage1_flags(script, targs)
     init_tensors = None
     if mode != "plain":
         # rejects a bad layout, names the fix
@@ -259,10 +299,18 @@ def check_everything(script, targs: dict, config) -> Checked:
     }
     if script.zero_init:
         identity["zero_init"] = True
-    check_run_file(out, identity)
+    plan = _plan_stage_data(script, targs, records)
+    if mode == "uniattn":
+        identity.update({k: getattr(script, k) for k in STAGE1_DEFAULTS},
+                        stage1_data=str(Path(script.stage1_data).resolve()) if script.stage1_data else None)
+        if script.stage1_share is not None:
+            # the split and the step counts: resuming with another seed or max_steps would mix two splits
+            identity["stage1_split"] = {"seed": targs["seed"], **{name: {"records": len(p["records"]),
+                                        "max_steps": p["max_steps"]} for name, p in plan.items()}}
+    check_run_file(out, identity, {**STAGE1_DEFAULTS, "stage1_split": None})
     world = int(os.environ.get("WORLD_SIZE", 1))
     resume, finished = {}, True
-    stages = plan_stages(mode, out)
+    stages = plan_stages(mode, out, script.stage1_trainable)
     for i, stage in enumerate(stages):
         if stage.final.is_dir():
             resume[stage.name] = None
@@ -274,11 +322,90 @@ def check_everything(script, targs: dict, config) -> Checked:
                                   "delete OUTPUT_DIR to start over")
         resume[stage.name] = resume_point(stage.trainer_dir, world, bool(targs["deepspeed"]))
         break
-    return Checked(records, tokenizer, init_tensors, resume, identity, finished)
+    return Checked(records, tokenizer, init_tensors, resume, identity, finished, plan)
+
+
+def _check_stage1_flags(script, targs: dict) -> None:
+    """The stage-1 options: only for --mode uniattn, and each value in range (nothing is read yet)."""
+    given = script.stage1_given
+    if script.mode != "uniattn":
+        if given:
+            names = " ".join(f"--{k}" for k in given)
+            raise UsageError(f"{names}: stage-1 option{'s' if len(given) > 1 else ''} of --mode uniattn, "
+                             f"not --mode {script.mode}; drop {'them' if len(given) > 1 else 'it'} "
+                             "or use --mode uniattn")
+        return
+    share, scale = script.stage1_share, script.init_scale
+    if share is not None and not 0 < share < 1:
+        raise UsageError(f"--stage1_share {share} is outside (0, 1): pass stage 1's fraction of the records and "
+                         "steps, e.g. 0.5 (leave it out for the seed's protocol: both stages the whole schedule)")
+    if not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"--init_scale {scale} must be a finite number > 0 (1 keeps the init-calc W_c, "
+                         "0.5 halves it); for W_c starting at zero use --zero_init")
+    if script.zero_init and "init_scale" in given:
+        raise UsageError(f"--init_scale {scale} scales the init-calc W_c, but --zero_init starts W_c at zero; "
+                         "drop one of them")
+    if script.stage1_data and script.stage1_objective != "kl":
+        raise UsageError(f"--stage1_data {script.stage1_data} is read without labels, for distillation: add "
+                         "--stage1_objective kl, or drop --stage1_data to train stage 1 on the training data")
+    steps = targs.get("max_steps") or -1
+    if share is not None and steps > 0:
+        first = round(share * steps)
+        if first < 1 or steps - first < 1:
+            raise UsageError(f"--stage1_share {share} of --max_steps {steps} gives stage 1 {first} and stage 2 "
+                             f"{steps - first} optimizer steps; each stage needs at least 1: raise --max_steps "
+                             "or choose a share nearer 0.5")
+    if share is not None and script.stage1_data and steps <= 0:
+        raise UsageError(f"--stage1_share {share} with --stage1_data splits the optimizer steps only (stage 1 has "
+                         "its own records), so it needs --max_steps N; or drop --stage1_data to split the records")
+
+
+def split_records(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of the stage-1 and stage-2 parts: a permutation seeded by ``seed``, round(share * n) for stage 1.
+
+    Disjoint, together every index once; each part in the original order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    first = round(share * n)
+    return sorted(order[:first]), sorted(order[first:])
+
+
+def _plan_stage_data(script, targs: dict, records: list) -> dict:
+    """Each stage's records and max_steps (None: the Trainer's own, from --max_steps or the epochs)."""
+    if script.mode != "uniattn":
+        return {"train": {"records": records, "max_steps": None}}
+    steps = targs.get("max_steps") or -1
+    share = script.stage1_share
+    first, second = records, records
+    if share is not None and not script.stage1_data:
+        one, two = split_records(len(records), share, targs["seed"])
+        if not one or not two:
+            raise UsageError(f"--stage1_share {share} of the {len(records)} training records of {script.data} gives "
+                             f"stage 1 {len(one)} and stage 2 {len(two)} records; each stage needs at least 1: "
+                             "use more records or a share nearer 0.5")
+        first, second = [records[i] for i in one], [records[i] for i in two]
+    if script.stage1_data:
+        first = load_records(script.stage1_data)  # DataError names the file, the record and the fix
+        if not script.include_eval_items:
+            first, _ = train_eval_split(first)
+            if not first:
+                raise UsageError(f"every record of --stage1_data {script.stage1_data} is an evaluation item "
+                                 "(uniattn.eval.split); pass --include_eval_items to use them anyway")
+        logger.info("stage 1 distils on %d records of %s", len(first), script.stage1_data)
+    if share is not None and steps > 0:
+        s1 = round(share * steps)
+        budget = {"stage1": s1, "stage2": steps - s1}
+    else:
+        budget = {"stage1": None, "stage2": None}
+    if share is not None:
+        logger.info("equal-steps protocol: stage 1 %d records / %s steps, stage 2 %d records / %s steps",
+                    len(first), budget["stage1"] or "epochs", len(second), budget["stage2"] or "epochs")
+    return {"stage1": {"records": first, "max_steps": budget["stage1"]},
+            "stage2": {"records": second, "max_steps": budget["stage2"]}}
 
 
 def sharing_of(mode: str) -> str:
-    return "kv" if mode == "cla" else "softmax"
+    return {"cla": "kv", "drop": "drop"}.get(mode, "softmax")
 
 
 def _check_init_tensors(tensors: dict, config, script) -> None:
@@ -329,8 +456,8 @@ def collate_for_training(examples, pad_token_id: int) -> dict:
     return batch
 
 
-def copy_compensation(model, tensors: dict) -> None:
-    """Copy the init file's W_c into the model (gathering the ZeRO-3 shards while writing)."""
+def copy_compensation(model, tensors: dict, scale: float = 1.0) -> None:
+    """Copy the init file's W_c, times ``scale``, into the model (gathering the ZeRO-3 shards while writing)."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     params = dict(model.named_parameters())
@@ -343,6 +470,8 @@ def copy_compensation(model, tensors: dict) -> None:
         ctx = nullcontext()
     with ctx, torch.no_grad():
         for name, tensor in tensors.items():
+            if scale != 1.0:
+                tensor = tensor * scale  # in the file's precision, then cast like the unscaled values
             params[name].copy_(tensor.to(params[name].dtype))
 
 
@@ -368,13 +497,15 @@ def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
         with _quiet("transformers.modeling_utils"):
             model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype, sharing_of(script.mode))
         if init_tensors is not None:
-            copy_compensation(model, init_tensors)
+            copy_compensation(model, init_tensors, getattr(script, "init_scale", 1.0))
     if script.attn_implementation:
         model.set_attn_implementation(script.attn_implementation)
     for name, p in model.named_parameters():
         is_wc = ".compensation." in name
         if stage.trainable == "compensation":
             p.requires_grad_(is_wc)
+        elif stage.trainable == "compensation_vo":
+            p.requires_grad_(is_wc or is_follower_vo(name, model.config))
         elif stage.trainable == "all_but_compensation":
             p.requires_grad_(not is_wc)  # softmax mode: W_c stays at its zero init
         else:
@@ -384,6 +515,15 @@ def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
     n_all = sum(size(p) for p in model.parameters())
     logger.info("%s: training %s of %s parameters (%s)", stage.name, f"{n_train:,}", f"{n_all:,}", stage.trainable)
     return model
+
+
+_VO = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:v_proj|o_proj)\.")
+
+
+def is_follower_vo(name: str, config) -> bool:
+    """A follower's ``self_attn.v_proj`` / ``self_attn.o_proj`` weight or bias (FollowerAttention)."""
+    m = _VO.search(name)
+    return bool(m) and int(m.group(1)) in config.superblock_layout.followers
 
 
 class _SigkillAfterSave(TrainerCallback):
@@ -421,19 +561,25 @@ def publish_final(trainer: Trainer, final: Path, info: dict) -> None:
 
 def train(script, targs: dict, checked: Checked) -> Path:
     out = Path(targs["output_dir"])
-    stages = plan_stages(script.mode, out)
-    dataset = SFTDataset(checked.records, checked.tokenizer, script.max_length)
+    stages = plan_stages(script.mode, out, getattr(script, "stage1_trainable", "compensation"))
     tokenizer = checked.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss anyway
     collator = partial(collate_for_training, pad_token_id=tokenizer.pad_token_id)
-    dtype = torch.bfloat16 if targs.get("bf16") else torch.float32
+    # DeepSpeed keeps float32 master weights of a bf16 model; the plain Trainer would not (its updates would be
+    # rounded to bf16), so without DeepSpeed the weights stay float32 and --bf16 means autocast.
+    dtype = torch.bfloat16 if targs.get("bf16") and targs.get("deepspeed") else torch.float32
     for stage in stages:
         if stage.final.is_dir():
             logger.info("%s already finished (%s); not training it again", stage.name, stage.final)
             continue
+        part = checked.plan.get(stage.name) or {"records": checked.records, "max_steps": None}
+        dataset = SFTDataset(part["records"], tokenizer, script.max_length)
+        overrides = {"output_dir": str(stage.trainer_dir)}
+        if part["max_steps"]:
+            overrides["max_steps"] = part["max_steps"]  # --stage1_share: this stage's part of --max_steps
         # TrainingArguments first: with ZeRO-3 it makes from_pretrained partition the weights as they load.
-        args = TrainingArguments(**{**targs, "output_dir": str(stage.trainer_dir)})
+        args = TrainingArguments(**{**targs, **overrides})
         if args.deepspeed:
             import deepspeed
 
@@ -443,8 +589,14 @@ def train(script, targs: dict, checked: Checked) -> Path:
         if args.should_save:
             write_run_file(out, checked.identity)
         model = build_model(script, stage, stages, dtype, checked.init_tensors)
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          processing_class=tokenizer, callbacks=_callbacks(stage))
+        kw = dict(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                  processing_class=tokenizer, callbacks=_callbacks(stage))
+        objective = "lm"
+        if stage.name == "stage1" and getattr(script, "stage1_objective", "lm") == "kl":
+            objective = "kl"
+            trainer = DistillTrainer(**kw, teacher=load_teacher(script, dtype, args.device))
+        else:
+            trainer = Trainer(**kw)
         resume = checked.resume.get(stage.name)
         if resume:
             logger.info("%s: resuming from %s", stage.name, resume)
@@ -453,7 +605,12 @@ def train(script, targs: dict, checked: Checked) -> Path:
         losses = [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]
         info = {**checked.identity, "stage": stage.name, "trainable": stage.trainable,
                 "global_step": result.global_step, "logged_losses": losses,
-                "world_size": args.world_size, "preset": script.preset_path}
+                "world_size": args.world_size, "preset": script.preset_path, "objective": objective,
+                "records": len(part["records"]),
+                # every stage's records and own max_steps (None: the Trainer's from --max_steps or the epochs):
+                # with --stage1_share, stage1 + stage2 max_steps == --max_steps (equal-steps accounting)
+                "stage_plan": {name: {"records": len(p["records"]), "max_steps": p["max_steps"]}
+                               for name, p in checked.plan.items()}}
         publish_final(trainer, stage.final, info)
         logger.info("%s finished after %d steps: %s", stage.name, result.global_step, stage.final)
         del trainer, model

@@ -16,6 +16,12 @@
 * ``KVSharingFollowerAttention`` is the cross-layer KV sharing (CLA) baseline on
   the same layout: no ``k_proj``/``v_proj`` and no cache of its own; it attends
   with its own RoPE'd Q over the leader's K and V, without compensation.
+* ``DropFollowerAttention`` is the layer-dropping (LLMDrop) baseline: the
+  follower's attention sub-layer is removed (no parameters, no cache, no leader
+  state) and returns zeros, so the stock layer computes ``h = x`` followed by
+  its MLP part (Gemma-2's ``post_attention_layernorm`` of zeros is zero). It is
+  a module rather than a patched decoder layer so that the stock layer code,
+  gradient checkpointing, caches and checkpoints stay the same for every kind.
 
 Shipped inside saved checkpoints: only relative imports of sibling files.
 """
@@ -200,7 +206,9 @@ class SoftmaxAttentionMixin:
 
 
 class _FollowerBase(nn.Module):
-    """What both follower kinds share: the leader hand-off and the call into the leader's kernel."""
+    """What the follower kinds share: the leader hand-off, the call into the leader's kernel, the empty cache."""
+
+    reads_leader = True  # False for a dropped attention sub-layer, which needs nothing from its leader
 
     def __init__(self, config, layer_idx: int, leader_idx: int):
         super().__init__()
@@ -223,7 +231,7 @@ class _FollowerBase(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         state = None if uniattn_states is None else uniattn_states.get(self.leader_idx)
-        if state is None:
+        if state is None and self.reads_leader:
             raise RuntimeError(
                 f"follower layer {self.layer_idx} found no state from its leader {self.leader_idx}: "
                 "run the whole model (the leader must run first in the same forward)"
@@ -232,6 +240,13 @@ class _FollowerBase(nn.Module):
 
     def follow(self, hidden_states, state: LeaderState, position_embeddings, past_key_values, **kwargs):
         raise NotImplementedError
+
+    def keep_empty_cache_in_step(self, hidden_states: torch.Tensor, past_key_values) -> None:
+        """Zero-width K and V for a follower that caches nothing (CLA, drop): the empty layer's
+        bookkeeping (a static layer's position counter, lazy init) stays in step with the others."""
+        if past_key_values is not None:
+            empty = hidden_states[:, None, :, :0]  # [batch, 1, q_len, 0]
+            past_key_values.update(empty, empty, self.layer_idx)
 
     def leader_kernel(self, query, key, value, state: LeaderState, **kwargs) -> torch.Tensor:
         """``attn(query, key, value)`` with the leader's mask, scale, window and cap (the leader's cache
@@ -290,8 +305,23 @@ class KVSharingFollowerAttention(_FollowerBase):
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query = query * cos.unsqueeze(1) + rotate_half(query) * sin.unsqueeze(1)
-        if past_key_values is not None:
-            # Zero-width K and V: keeps the (empty) layer's bookkeeping in step with the others.
-            past_key_values.update(query[:, :1, :, :0], query[:, :1, :, :0], self.layer_idx)
+        self.keep_empty_cache_in_step(hidden_states, past_key_values)
         attn_output = self.leader_kernel(query, state.key, state.value, state, **kwargs)
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+
+
+class DropFollowerAttention(_FollowerBase):
+    """Layer dropping (LLMDrop): the attention sub-layer is gone; no parameters, no cache, no leader state.
+
+    Returns zeros, so the stock decoder layer computes ``h = x + 0`` (LLaMA / Mistral) or
+    ``h = x + post_attention_layernorm(0) = x`` (Gemma-2: RMSNorm of zeros is exactly zero),
+    then its MLP part unchanged. The zeros are a zero-width sum of the input, so they stay in the
+    autograd graph: the layer's (now idle) ``input_layernorm`` gets a zero gradient instead of
+    none, and distributed training without ``find_unused_parameters`` does not stall on it.
+    """
+
+    reads_leader = False
+
+    def follow(self, hidden_states, state, position_embeddings, past_key_values, **kwargs):
+        self.keep_empty_cache_in_step(hidden_states, past_key_values)
+        return hidden_states[..., :0].sum(dim=-1, keepdim=True).expand_as(hidden_states)

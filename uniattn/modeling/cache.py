@@ -11,6 +11,8 @@ layers whose length is positive).
 
 A cross-layer KV sharing (CLA) follower reads its leader's K and V and stores
 nothing: its twin also cuts the values to width zero (``keeps_values=False``).
+A dropped follower (``superblock_sharing="drop"``) has no attention at all and
+uses the same empty twin.
 
 ``make_value_only(cache, layout)`` swaps the follower layers of a freshly
 created ``DynamicCache`` / ``StaticCache`` for their V-only twins; the model
@@ -36,7 +38,7 @@ class ValueOnlyMixin:
     """Forces zero-width keys, whatever the caller (or ``early_initialization``) passes."""
 
     value_only = True
-    keeps_values = True  # False for a CLA follower, which stores nothing
+    keeps_values = True  # False for a CLA or dropped follower, which stores nothing
 
     def _values(self, value_states: torch.Tensor) -> torch.Tensor:
         return value_states if self.keeps_values else value_states[..., :0]

@@ -18,8 +18,9 @@ from .layout import SuperBlockLayout
 
 # What a follower reuses from its leader: "softmax" is UniAttn (the attention probabilities, own V,
 # plus W_c); "kv" is cross-layer KV sharing (CLA: the leader's K and V, own Q, no compensation),
-# the method's main baseline.
-SHARINGS = ("softmax", "kv")
+# the method's main baseline; "drop" removes the follower's attention sub-layer altogether (the
+# paper's LLMDrop baseline: h = x + MLP part only, no cache), so all three save KV on the same layout.
+SHARINGS = ("softmax", "kv", "drop")
 
 
 class UniAttnConfigMixin:
@@ -39,7 +40,8 @@ class UniAttnConfigMixin:
         if self.superblock_sharing not in SHARINGS:
             raise ValueError(
                 f"superblock_sharing {self.superblock_sharing!r} is not one of {SHARINGS}: "
-                "'softmax' for UniAttn, 'kv' for cross-layer KV sharing (CLA)"
+                "'softmax' for UniAttn, 'kv' for cross-layer KV sharing (CLA), "
+                "'drop' for removing the followers' attention (layer dropping, LLMDrop)"
             )
 
 

@@ -4,9 +4,13 @@
 stock layers, then gives ordinary and leader layers the family's
 ``SoftmaxAttentionMixin`` attention and followers a ``FollowerAttention``
 (no Q/K projections), or, with ``superblock_sharing="kv"``, the CLA baseline's
-``KVSharingFollowerAttention``. On each forward it makes the follower cache layers
-V-only and passes an explicit ``uniattn_states`` hand-off dict to every layer
-(a ``UserDict`` like Gemma-3n's ``shared_kv_states``, so FSDP2 does not copy it
+``KVSharingFollowerAttention``, or, with ``"drop"``, the layer-dropping baseline's
+``DropFollowerAttention`` (attention sub-layer removed; its leader is then an
+ordinary layer that publishes nothing). One module per kind keeps the stock
+decoder layers, caches, checkpointing and saving common to all three. On each
+forward it makes the follower cache layers V-only (empty for CLA and drop, which
+cache nothing) and passes an explicit ``uniattn_states`` hand-off dict to every
+layer (a ``UserDict`` like Gemma-3n's ``shared_kv_states``, so FSDP2 does not copy it
 and gradient checkpointing sees the same object in the recompute).
 
 Shipped inside saved checkpoints: only relative imports of sibling files.
@@ -21,7 +25,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 
-from .attention import GROUPED_SDPA, NO_SOFTCAP_KERNELS, FollowerAttention, KVSharingFollowerAttention
+from .attention import (GROUPED_SDPA, NO_SOFTCAP_KERNELS, DropFollowerAttention, FollowerAttention,
+                        KVSharingFollowerAttention)
 from .cache import make_value_only
 from .layout import FOLLOWER, LEADER, SuperBlockLayout
 
@@ -55,6 +60,10 @@ class UniAttnPreTrainedMixin:
         return self.config.superblock_layout
 
 
+# superblock_sharing -> the follower's attention module (one mechanism per kind, all in attention.py)
+FOLLOWER_CLASSES = {"softmax": FollowerAttention, "kv": KVSharingFollowerAttention, "drop": DropFollowerAttention}
+
+
 class UniAttnModelMixin(UniAttnPreTrainedMixin):
     """Swap attention modules by role and wire the leader-to-follower hand-off."""
 
@@ -63,14 +72,15 @@ class UniAttnModelMixin(UniAttnPreTrainedMixin):
     def __init__(self, config):
         super().__init__(config)
         layout = config.superblock_layout
-        follower_class = KVSharingFollowerAttention if config.superblock_sharing == "kv" else FollowerAttention
+        follower_class = FOLLOWER_CLASSES[config.superblock_sharing]
         for i, layer in enumerate(self.layers):
             role = layout.role(i)
             if role == FOLLOWER:
                 layer.self_attn = follower_class(config, i, layout.leader_of(i))
             else:
                 attn = self.attention_class(config, i)
-                attn.is_leader = role == LEADER
+                # Dropped followers read nothing, so their leader need not keep its Q/K/P for them.
+                attn.is_leader = role == LEADER and follower_class.reads_leader
                 layer.self_attn = attn
         self.post_init()
 
@@ -82,7 +92,7 @@ class UniAttnModelMixin(UniAttnPreTrainedMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         make_value_only(past_key_values, self.config.superblock_layout,
-                        keep_values=self.config.superblock_sharing != "kv")
+                        keep_values=self.config.superblock_sharing == "softmax")
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -1,0 +1,102 @@
+"""The quality study (uniattn.tools.study) end to end on a tiny model: arms, equal steps, KV savings, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_helpers import make_checkpoint
+
+from uniattn.data import default_data_file, load_records
+from uniattn.io import write_jsonl
+from uniattn.tools.study import POOL_FILES
+from uniattn.tools.study import main as study_main
+from uniattn.tools.study_report import main as report_main
+
+LAYERS = 5
+# 2 UniAttn followers (layers 2, 4) and, for CLA / drop at the same KV saving, 1 follower (layer 4).
+POINTS = ["--points", "2=2,1,6", "1=2,3,5", "--frontier", "2", "--main", "2"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("study") / "base")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    records = [{k: (v[:120] if isinstance(v, str) else v) for k, v in r.items()}
+               for r in load_records(default_data_file("pmc"))[:60]]
+    out = tmp_path_factory.mktemp("pool")
+    parts = {"train.jsonl": records[:40], "val_domain.jsonl": records[40:45], "val_general.jsonl": records[45:50],
+             "heldout_domain.jsonl": records[50:55], "heldout_general.jsonl": records[55:60]}
+    for name, rows in parts.items():
+        write_jsonl(out / name, rows)
+    return out
+
+
+def test_study_runs_every_arm_with_equal_steps_and_reports(base, pool, tmp_path):
+    out = tmp_path / "study"
+    argv = ["--pool", str(pool), "--out", str(out), "--model_dir", str(base), *POINTS,
+            "--arms", "base", "plain", "softmax", "uniattn", "uniattn_seed", "cla", "drop",
+            "--seeds", "0", "--lrs", "1e-3", "--steps", str(STEPS), "--batch", "2", "--max_length", "128",
+            "--init_samples", "8", "--jobs", "2", "--launcher", "python", "--alt_layouts", "3,2,5"]
+    assert study_main([*argv, "--stop_after", "0"]) == 3  # pauses before any step, writes no run
+    assert not (out / "runs").exists()
+    assert study_main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    res = {r["run"]["arm"]: r for r in data["results"].values() if not r["run"].get("layout")}
+    alt = [r for r in data["results"].values() if r["run"].get("layout")]
+    assert [(r["run"]["arm"], r["layout"]) for r in alt] == [("uniattn", [3, 2, 5])]
+    assert set(res) == {"base", "plain", "softmax", "uniattn", "uniattn_seed", "cla", "drop"}
+    base_kv = res["base"]["kv"]["cache"]
+    # Equal KV saving: UniAttn / softmax drop K of 2 of 5 layers, CLA / drop K and V of 1.
+    for arm in ("softmax", "uniattn", "cla", "drop"):
+        assert res[arm]["kv"]["cache"] * 2 * LAYERS == base_kv * (2 * LAYERS - 2), arm
+    assert res["plain"]["kv"]["cache"] == base_kv
+    # Equal-steps accounting: UniAttn's two stages together take the single-stage arms' steps; the seed's
+    # protocol takes twice as many.
+    steps = {arm: sum(v["global_step"] for k, v in res[arm]["train"].items() if isinstance(v, dict))
+             for arm in ("plain", "softmax", "uniattn", "uniattn_seed", "cla", "drop")}
+    assert steps == {"plain": STEPS, "softmax": STEPS, "uniattn": STEPS, "uniattn_seed": 2 * STEPS,
+                     "cla": STEPS, "drop": STEPS}
+    assert res["uniattn"]["train"]["stage1"]["global_step"] == STEPS // 2
+    for arm, r in res.items():
+        assert set(r["loss"]) == {"val_domain", "val_general", "heldout_domain", "heldout_general", "val"}, arm
+    # Models are removed once scored; a rerun trains nothing again.
+    assert not list((out / "runs").glob("*/final"))
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/scores.json")}
+    assert study_main(argv) == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/scores.json")}
+    # --collect rebuilds the same results from the cache without running anything.
+    assert study_main([*argv, "--collect"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["results"] == data["results"] and again["chosen_lr"] == data["chosen_lr"]
+    assert report_main([str(out / "results.json"), "--md", str(tmp_path / "r.md"), "--png", str(tmp_path / "f.png")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "UniAttn (equal steps)" in text and "layer drop" in text and "seed spread" in text
+    assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--points", "3=2,1,6", "--frontier", "3", "--main", "3", "--arms", "uniattn"], "has 2 followers"),
+    (["--points", "2=2,1,6", "--frontier", "2", "--main", "2", "--arms", "cla"], "needs layouts for [1]"),
+    (["--points", "2=2,1,6", "--frontier", "2", "--main", "4", "--arms", "uniattn"], "--main 4"),
+    (["--points", "2=2,1", "--frontier", "2", "--main", "2"], "not F=G,B,E"),
+    (["--points", "2=2,1,6", "--frontier", "2", "--main", "2", "--arms", "uniattn", "--alt_layouts", "2,3,5"],
+     "has 1 followers"),
+])
+def test_bad_layouts_exit_2_and_write_nothing(base, pool, tmp_path, capsys, bad, message):
+    out = tmp_path / "study"
+    assert study_main(["--pool", str(pool), "--out", str(out), "--model_dir", str(base), *bad]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_pool_file_exits_2(base, pool, tmp_path, capsys):
+    partial = tmp_path / "pool"
+    partial.mkdir()
+    (partial / POOL_FILES[0]).write_text((pool / POOL_FILES[0]).read_text())
+    assert study_main(["--pool", str(partial), "--out", str(tmp_path / "o"), "--model_dir", str(base)]) == 2
+    assert "build_pool.sh" in capsys.readouterr().err and not (tmp_path / "o").exists()
