@@ -4,19 +4,32 @@
 
 A seeded random sample without replacement, kept in the source order so the
 file diffs cleanly. Reads a JSON list or JSONL, writes a JSON list atomically
-(a temporary file in the same folder, then a rename). The repo already ships the
-seed's 1,000-example samples; this rebuilds them from a full download.
+(through ``uniattn.io``: a temporary file in the same folder, then a rename).
+The repo already ships the seed's 1,000-example samples; this rebuilds them
+from a full download.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
 import random
 import sys
-import tempfile
 from pathlib import Path
+
+
+def _uniattn_io():
+    # The project's atomic writer. uniattn/io.py needs only the standard library; loading it by file, not as
+    # `uniattn.io` (whose package imports transformers), keeps this script running on a bare python.
+    path = Path(__file__).resolve().parent.parent / "uniattn" / "io.py"
+    spec = importlib.util.spec_from_file_location("_uniattn_io", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_text = _uniattn_io().write_text
 
 
 def read_records(path) -> list[dict]:
@@ -28,18 +41,7 @@ def read_records(path) -> list[dict]:
 
 def write_json(records: list[dict], path) -> Path:
     """Write ``records`` as a JSON list; readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(records, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
 
 
 def sample_records(records: list[dict], n: int, seed: int = 0) -> list[dict]:

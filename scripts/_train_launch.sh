@@ -18,14 +18,13 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
+source "$ROOT/scripts/common.sh" --functions  # require_int; the defaults are read in launch_train
 
-# G B E must be integers here; whether they fit the model is checked by uniattn.train.
+# G B E must be non-negative integers here; whether they fit the model is checked by uniattn.train.
 parse_layout() {
   [[ $# -eq 3 ]] || die "expected 3 numbers G B E (SuperBlock size, first layer, end layer), e.g. 4 14 30; got $# argument(s)"
-  local v
-  for v in "$@"; do
-    [[ "$v" =~ ^[0-9]+$ ]] || die "SuperBlock numbers must be non-negative integers, got '$v' (e.g. 4 14 30)"
-  done
+  local hint="SuperBlock numbers G B E, e.g. 4 14 30"
+  require_int G "$1" "$hint"; require_int B "$2" "$hint"; require_int E "$3" "$hint"
 }
 
 # launch_train ARGS... : uniattn.train on NUM_GPUS processes through the DeepSpeed launcher.

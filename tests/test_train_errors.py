@@ -142,3 +142,17 @@ def test_script_reports_the_error_and_writes_nothing(work, tmp_path):
     proc = run_script("train_deepspeed-ft.sh", ["4"], env)
     assert proc.returncode == 2 and "takes no arguments" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script,args,name,value", [
+    ("train_deepspeed-ft_softmax.sh", ["4", "-1", "30"], "B", "-1"),
+    ("train_deepspeed-ft_uniattn.sh", ["4", "14", "3.5"], "E", "3.5"),
+    ("train_deepspeed-init_calc.sh", ["-4", "14", "30", "30"], "G", "-4"),
+])
+def test_scripts_reject_negative_or_fractional_layout_numbers(tmp_path, script, args, name, value):
+    # scripts/common.sh's require_int, before any default is resolved: no model is needed to be refused.
+    out = tmp_path / "out"
+    proc = run_script(script, args, {"MODEL_DIR": str(tmp_path / "no_model"), "OUTPUT_DIR": str(out), "NUM_GPUS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{script}: error: {name} must be a non-negative integer, got '{value}'" in proc.stderr
+    assert not out.exists()

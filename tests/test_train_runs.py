@@ -106,13 +106,49 @@ def test_plain_and_softmax_train_and_reload(work, mode, nproc, zero, family):
     assert info["global_step"] == STEPS and info["world_size"] == nproc and len(info["logged_losses"]) == STEPS
     base, final = state_dict(base_of(work, family)), state_dict(out / "final")
     if mode == "softmax":
-        wc = [k for k in final if ".compensation." in k]
-        has_bias = json.loads((out / "final" / "config.json").read_text()).get("attention_bias", False)
-        assert len(wc) == (2 if has_bias else 1) * len(FOLLOWERS)
-        assert all(torch.count_nonzero(final[k]) == 0 for k in wc), "softmax mode must keep W_c at zero"
-        assert not any(f"layers.{i}.self_attn.q_proj" in k for k in final for i in FOLLOWERS)
-    trained = [k for k in final if ".compensation." not in k]
-    assert all(changed(final[k], base[k]) for k in trained)
+        # Softmax unification only: followers without W_c (no tensor, no matmul), only their Q/K gone
+        assert not [k for k in final if ".compensation." in k], "softmax mode builds followers without W_c"
+        assert json.loads((out / "final" / "config.json").read_text())["superblock_compensation"] is False
+        assert set(final) <= set(base)
+        assert set(base) - set(final) == {f"model.layers.{i}.self_attn.{p}_proj.{w}" for i in FOLLOWERS
+                                          for p in "qk" for w in ("weight", "bias")} & set(base)
+        assert info["trainable"] == "all"
+        assert json.loads((out / "uniattn_run.json").read_text())["compensation"] is False
+    assert all(changed(final[k], base[k]) for k in final)
+
+
+def test_softmax_run_begun_with_wc_resumes_with_it(work, tmp_path):
+    # A softmax run begun when its followers still had a frozen zero W_c (its run file records no
+    # "compensation") keeps that W_c, so its checkpoints still resume; a new run has none.
+    from uniattn.train import build_model, check_everything, parse_args, plan_stages
+
+    def built(out):
+        argv = train_argv(work, out)
+        argv[argv.index("uniattn")] = "softmax"
+        i = argv.index("--init_path")
+        del argv[i:i + 2]
+        script, targs, config = parse_args(argv)
+        checked = check_everything(script, targs, config)
+        stages = plan_stages("softmax", out, softmax_compensation=checked.softmax_compensation)
+        return checked, stages[0], build_model(script, stages[0], stages, torch.float32, None)
+
+    checked, stage, model = built(tmp_path / "new")
+    assert checked.identity["compensation"] is False and stage.trainable == "all"
+    assert not any(".compensation." in n for n, _ in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters()) and model.config.superblock_compensation is False
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "uniattn_run.json").write_text(json.dumps({k: v for k, v in checked.identity.items() if k != "compensation"}))
+    checked, stage, model = built(old)
+    assert checked.softmax_compensation and checked.identity["compensation"] is True
+    assert stage.trainable == "all_but_compensation"
+    wc = {n: p for n, p in model.named_parameters() if ".compensation." in n}
+    assert len(wc) >= len(FOLLOWERS) and all(not p.requires_grad and torch.count_nonzero(p) == 0 for p in wc.values())
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in wc)
+    new_run = tmp_path / "resumed"
+    new_run.mkdir()
+    (new_run / "uniattn_run.json").write_text(json.dumps({**checked.identity, "compensation": False}))
+    assert built(new_run)[0].softmax_compensation is False
 
 
 def test_uniattn_stage1_trains_only_wc_and_stage2_everything(work, uniattn_run):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from uniattn.convert import uniattn_config_from
 from uniattn.data import build_prompt, default_data_file, load_records
 from uniattn.init_file import save_init
+from uniattn.net import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = (2, 1, 6)  # 5 layers: leaders 1 3 5, followers 2 4
@@ -72,12 +72,6 @@ def make_init(path: Path, model_dir: Path, layout=LAYOUT, seed: int = 1) -> Path
         if getattr(config, "attention_bias", False):
             tensors[f"model.layers.{i}.self_attn.compensation.bias"] = torch.zeros(config.hidden_size)
     return save_init(path, tensors, config)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(script: str, args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -32,6 +32,7 @@ from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig,
 
 import uniattn
 from uniattn.convert import uniattn_config_from
+from uniattn.io import write_text
 from uniattn.modeling.cache import make_value_only
 
 SHAPES = {
@@ -432,14 +433,10 @@ def largest_batch(model, context, deadline) -> int:
 
 
 def write(out: Path, results: dict) -> None:
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.rename(out.with_suffix(".json"))
+    write_text(out.with_suffix(".json"), json.dumps(results, indent=1))
     from .bench_report import render
 
-    md = out.with_suffix(".md.tmp")
-    md.write_text(render(results, out))
-    md.rename(out.with_suffix(".md"))
+    write_text(out.with_suffix(".md"), render(results, out))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Turn a plain LLaMA / Mistral / Gemma-2 checkpoint into a UniAttn checkpoint.
 
-    python -m uniattn.convert BASE_DIR OUT_DIR --superblock G B E [--sharing kv|drop]
+    python -m uniattn.convert BASE_DIR OUT_DIR --superblock G B E [--sharing kv|drop] [--no_compensation]
 
 The family is read from ``BASE_DIR/config.json`` (``model_type``), never from
 the path. Followers lose ``q_proj`` / ``k_proj``; every ``W_c`` starts at zero
-(the closed-form values come from ``uniattn.init_calc``). ``--sharing kv``
+(the closed-form values come from ``uniattn.init_calc``); ``--no_compensation``
+leaves ``W_c`` out altogether (the "Softmax unification only" arm: followers
+compute ``o_proj(P V)``, with no ``W_c`` matmul or parameters). ``--sharing kv``
 builds the cross-layer KV sharing (CLA) baseline instead: followers lose
 ``k_proj`` / ``v_proj`` and have no ``W_c``. ``--sharing drop`` builds the
 layer-dropping (LLMDrop) baseline: followers lose their whole attention
@@ -30,8 +32,10 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def uniattn_config_from(base_config, superblock: tuple[int, int, int], sharing: str = "softmax"):
-    """A UniAttn config with the base config's fields, the layout ``(G, B, E)`` and what followers share."""
+def uniattn_config_from(base_config, superblock: tuple[int, int, int], sharing: str = "softmax",
+                        compensation: bool = True):
+    """A UniAttn config with the base config's fields, the layout ``(G, B, E)``, what followers share and,
+    for ``sharing="softmax"``, whether they have the compensation ``W_c`` (False: Softmax unification only)."""
     from .modeling import UNIATTN_FAMILIES
 
     family = base_config.model_type
@@ -45,8 +49,12 @@ def uniattn_config_from(base_config, superblock: tuple[int, int, int], sharing: 
     fields = base_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "quantization_config"):
         fields.pop(key, None)
+    if not compensation and sharing != "softmax":
+        raise ValueError(f"leaving W_c out (--no_compensation) is for sharing 'softmax' (UniAttn followers); "
+                         f"{sharing!r} followers never have a W_c: drop --no_compensation")
     g, b, e = (int(v) for v in superblock)
-    return config_class(**fields, superblock_size=g, superblock_begin=b, superblock_end=e, superblock_sharing=sharing)
+    return config_class(**fields, superblock_size=g, superblock_begin=b, superblock_end=e, superblock_sharing=sharing,
+                        superblock_compensation=bool(compensation))
 
 
 # superblock_sharing -> the base attention projections a follower does not have
@@ -60,15 +68,16 @@ def dropped_keys(config) -> set[str]:
             for i in config.superblock_layout.followers for p in projections for w in ("weight", "bias")}
 
 
-def load_converted(base_dir, superblock, dtype="auto", sharing: str = "softmax"):
-    """Load a plain checkpoint straight into a UniAttn (or CLA, or drop) model (``W_c = 0``); returns (model, config)."""
+def load_converted(base_dir, superblock, dtype="auto", sharing: str = "softmax", compensation: bool = True):
+    """Load a plain checkpoint straight into a UniAttn (or CLA, or drop) model (``W_c = 0``, or no ``W_c`` with
+    ``compensation=False``); returns (model, config)."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     from .modeling import UNIATTN_FAMILIES
 
     base_config = AutoConfig.from_pretrained(base_dir)
-    config = uniattn_config_from(base_config, superblock, sharing)
+    config = uniattn_config_from(base_config, superblock, sharing, compensation)
     _, model_class = UNIATTN_FAMILIES[base_config.model_type]
     # transformers reports the dropped follower Q/K and the new W_c as a loading problem;
     # they are expected, and checked exactly below, so its report is silenced here.
@@ -136,9 +145,10 @@ def copy_tokenizer(src, dst) -> bool:
     return True
 
 
-def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False, sharing: str = "softmax") -> Path:
+def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False, sharing: str = "softmax",
+            compensation: bool = True) -> Path:
     """Convert ``base_dir`` into a UniAttn (``sharing="kv"``: CLA, ``"drop"``: layer dropping) checkpoint
-    with layout ``(G, B, E)``."""
+    with layout ``(G, B, E)``; ``compensation=False``: UniAttn followers without ``W_c`` (softmax only)."""
     import uniattn  # noqa: F401  (registers the auto classes so the save carries auto_map)
 
     base = Path(base_dir)
@@ -147,7 +157,7 @@ def convert(base_dir, out_dir, superblock, dtype="auto", overwrite: bool = False
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    model, config = load_converted(base, superblock, dtype, sharing)
+    model, config = load_converted(base, superblock, dtype, sharing, compensation)
     logger.info("%s", config.superblock_layout.describe())
     return save_checkpoint(model, out, tokenizer_from=base, overwrite=overwrite)
 
@@ -164,11 +174,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sharing", default="softmax", choices=SHARINGS,
                         help="what followers reuse: softmax (UniAttn), kv (cross-layer KV sharing, CLA) "
                              "or drop (no attention at all: layer dropping, LLMDrop)")
+    parser.add_argument("--no_compensation", dest="compensation", action="store_false",
+                        help="UniAttn followers without W_c (Softmax unification only: no W_c matmul or "
+                             "parameters); for --sharing softmax")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = convert(args.base_dir, args.out_dir, tuple(args.superblock), args.dtype, args.overwrite, args.sharing)
+        out = convert(args.base_dir, args.out_dir, tuple(args.superblock), args.dtype, args.overwrite, args.sharing,
+                      args.compensation)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

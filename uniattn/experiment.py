@@ -6,8 +6,9 @@
 
 Arms (UNIATTN.md section 5), all from the same base checkpoint, data, steps and seeds:
 ``base`` (no fine-tuning), ``plain`` (full FT), ``softmax`` (Softmax unification,
-W_c = 0 frozen), ``uniattn`` (init calc + two stages), ``uniattn_wc0`` (two stages
-from W_c = 0) and ``cla`` (cross-layer KV sharing on the same layout).
+followers without W_c; runs before that carried a frozen zero W_c), ``uniattn``
+(init calc + two stages), ``uniattn_wc0`` (two stages from W_c = 0) and ``cla``
+(cross-layer KV sharing on the same layout).
 
 Data: the training side of the fixed evaluation split (uniattn.eval.split)
 minus a validation slice; the held-out side is never trained or calibrated on.
@@ -27,7 +28,6 @@ results into the markdown table and plot.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 from .data import load_records
-from .eval.split import split_key, train_eval_split
-from .train import free_port
+from .eval.split import hash_fraction, split_key, train_eval_split
+from .io import write_json as _write_json
+from .net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,11 @@ class Paused(Exception):
 
 
 def is_validation(record, fraction: float = 0.1) -> bool:
-    digest = hashlib.sha256((VAL_SALT + "\0" + split_key(record)).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return hash_fraction(split_key(record), VAL_SALT) < fraction
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.rename(path)
+    _write_json(path, obj, ensure_ascii=True)  # ASCII-escaped, as this tool's files always were
 
 
 def prepare_data(data: Path, out: Path) -> dict:

@@ -15,6 +15,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from .io import atomic_path, write_text
+
 ARM_NAMES = {
     "base": "base (no fine-tuning)", "plain": "plain FT", "softmax": "softmax-only FT (W_c = 0 frozen)",
     "uniattn": "UniAttn (init calc + 2 stages)", "uniattn_wc0": "UniAttn, W_c = 0 start (2 stages)",
@@ -167,9 +169,8 @@ def plot(summary: dict, path: Path) -> None:
     fig.suptitle(f"SmolLM2-135M-Instruct, PMC-LLaMA, layout {' '.join(summary['superblock'])}, "
                  f"{len(summary['seeds'])} seeds ({summary['size']} size, {summary.get('device', '?')})")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.rename(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def _plot_accuracy(ax, arms: dict, names: list[str]) -> None:
@@ -199,9 +200,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir or path.parent)
     text = render(summary)
     md, png = out_dir / f"{args.name}.md", out_dir / f"{args.name}.png"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(text)
-    tmp.rename(md)
+    write_text(md, text)
     plot(summary, png)
     print(text)
     print(f"wrote {md} and {png}")

@@ -31,7 +31,6 @@ hidden states are kept), so the calculation costs about two forward passes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -48,7 +47,7 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .data import DataError, collate, load_records, tokenize
-from .eval.split import split_key, train_eval_split
+from .eval.split import hash_fraction, split_key, train_eval_split
 from .modeling import FOLLOWER
 
 logger = logging.getLogger(__name__)
@@ -295,8 +294,7 @@ def make_batches(records, tokenizer, max_length: int, batch_size: int, holdout: 
 
 def holdout_score(record) -> float:
     """A number in [0, 1), fixed per record and equal for copies of one question (``split_key``)."""
-    digest = hashlib.sha256((HOLDOUT_SALT + "\0" + split_key(record)).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return hash_fraction(split_key(record), HOLDOUT_SALT)
 
 
 def holdout_flags(records, fraction: float) -> list[bool]:

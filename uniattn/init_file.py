@@ -10,13 +10,13 @@ or model before anything is trained.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .io import atomic_path
 
 FORMAT = "uniattn-init/1"
 
@@ -33,17 +33,10 @@ def _identity(config) -> dict:
 def save_init(path, tensors: dict[str, torch.Tensor], config, extra: dict | None = None) -> Path:
     """Write ``tensors`` + metadata atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, **_identity(config), "base_model": str(config._name_or_path), **(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
                   metadata={"uniattn": json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

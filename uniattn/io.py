@@ -1,7 +1,18 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never a half-written one.
 
-Every output of the project goes through here: the text is written to a hidden
-temporary name in the same folder, then renamed over the target.
+Every output file of the project goes through here: it is written under a
+hidden temporary name in the same folder, then renamed over the target. Text
+and JSON go through ``write_text`` / ``write_json`` / ``write_jsonl``; a writer
+that wants a file name of its own (matplotlib's ``savefig``, safetensors'
+``save_file``) writes to the path that ``atomic_path`` yields:
+
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp)          # tmp ends in ".png" too, so the format is inferred as before
+
+The file gets the permissions a plain ``open(path, "w")`` would give it (0666
+less the umask), not the private 0600 of a temporary file. Whole checkpoint
+*directories* are staged and renamed by their writers (``convert.publish``,
+``train.publish_final``, ``pool.write_pool``).
 """
 
 from __future__ import annotations
@@ -9,25 +20,51 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+
+def _file_mode() -> int:
+    mask = os.umask(0)  # the only way to read the umask; done once, at import, before any writer thread starts
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
+@contextmanager
+def atomic_path(path, suffix: str | None = None):
+    """Yield a temporary path next to ``path``; when the block ends without an error it replaces ``path``.
+
+    On an error the temporary file is removed and the old ``path`` (if any) is left as it was. ``suffix`` ends
+    the temporary name; by default ``.tmp`` plus the target's own extension, for writers that pick a format by it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".tmp" + path.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        tmp.chmod(_FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text(path, text: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path, suffix=".tmp") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
-def write_json(path, obj, indent: int | None = 2) -> Path:
-    return write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
+def write_json(path, obj, indent: int | None = 2, ensure_ascii: bool = False) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=ensure_ascii) + "\n")
 
 
 def _line(row) -> str:

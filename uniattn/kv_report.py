@@ -1,4 +1,4 @@
-"""KV-cache bytes and parameter counts of a UniAttn (or CLA, or drop) checkpoint against its base model.
+"""KV-cache bytes and parameter counts of a UniAttn (softmax-only, CLA or drop) checkpoint against its base model.
 
     python -m uniattn.kv_report BASE_DIR UNIATTN_DIR [--tokens 1024 --batch 1]
 
@@ -18,6 +18,13 @@ from .modeling.cache import cache_nbytes
 
 # superblock_sharing -> the name of the arm in the table
 LABELS = {"softmax": "UniAttn", "kv": "CLA", "drop": "drop (LLMDrop)"}
+SOFTMAX_ONLY = "softmax-only (no W_c)"  # superblock_compensation=False: Softmax unification only
+
+
+def arm_label(sharing: str, compensation: bool = True) -> str:
+    if sharing == "softmax" and not compensation:
+        return SOFTMAX_ONLY
+    return LABELS.get(sharing, "UniAttn")
 
 
 @torch.no_grad()
@@ -29,7 +36,8 @@ def kv_and_params(model, tokens: int = 256, batch: int = 1) -> dict:
     return {"cache": cache_nbytes(past), "params": sum(p.numel() for p in model.parameters()),
             "cache_tokens": batch * tokens, "cache_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "layout": str(getattr(model.config, "superblock_layout", "-")),
-            "sharing": getattr(model.config, "superblock_sharing", "-")}
+            "sharing": getattr(model.config, "superblock_sharing", "-"),
+            "compensation": getattr(model.config, "superblock_compensation", None)}
 
 
 def measure(path, tokens: int, batch: int) -> dict:
@@ -45,7 +53,7 @@ def table(base_dir, uni_dir, tokens=256, batch=1) -> str:
         "| model | layout | KV cache after prefill | parameters |",
         "|---|---|---|---|",
         f"| base | - | {base['cache'] / 2**20:.2f} MiB | {base['params'] / 1e6:.2f} M |",
-        f"| {LABELS.get(uni['sharing'], 'UniAttn')} | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
+        f"| {arm_label(uni['sharing'], uni['compensation'] is not False)} | {uni['layout']} | {uni['cache'] / 2**20:.2f} MiB ({uni['cache'] / base['cache'] - 1:+.2%}) "
         f"| {uni['params'] / 1e6:.2f} M ({uni['params'] / base['params'] - 1:+.2%}) |",
     ]
     return "\n".join(rows) + f"\n\n(fp32, batch {batch}, {tokens} prompt tokens)"

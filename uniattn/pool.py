@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from uniattn.eval import TASKS_DIR
 from uniattn.eval.prepare import BIGBENCH_TASKS
-from uniattn.eval.split import EVAL_FRACTION, SPLIT_SALT, is_eval_record, split_key
+from uniattn.eval.split import EVAL_FRACTION, SPLIT_SALT, hash_fraction, is_eval_record, split_key
 from uniattn.io import write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def _norm(text: str) -> str:
 
 def _score(key: str, purpose: str) -> float:
     # One salt per purpose: the per-task cap and the split must not pick the same low-hash records.
-    digest = hashlib.sha256(f"{POOL_SALT}\0{purpose}\0{key}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return hash_fraction(f"{purpose}\0{key}", POOL_SALT)  # hashes POOL_SALT \0 purpose \0 key
 
 
 def _sha256(path: Path) -> str:

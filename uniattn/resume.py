@@ -26,6 +26,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from .io import write_json
+
 RUN_FILE = "uniattn_run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -171,7 +173,4 @@ def check_run_file(output_dir: Path, identity: dict, defaults: dict | None = Non
 
 
 def write_run_file(output_dir: Path, identity: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    tmp.replace(output_dir / RUN_FILE)
+    write_json(output_dir / RUN_FILE, identity, ensure_ascii=True)

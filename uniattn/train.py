@@ -7,9 +7,11 @@
 Modes (UNIATTN.md section 5):
 
 * ``plain``: ordinary full fine-tuning of the checkpoint.
-* ``softmax``: convert to SuperBlocks ``G B E`` and fine-tune everything except
-  the compensation, which stays at zero (frozen, not trained): the seed's
-  "Softmax unification only" baseline.
+* ``softmax``: convert to SuperBlocks ``G B E`` with followers that have no
+  compensation ``W_c`` at all (``superblock_compensation=False``: ``o_proj(P V)``,
+  no ``W_c`` matmul or parameters) and fine-tune everything: the seed's
+  "Softmax unification only" baseline. (Runs begun before this kept a frozen,
+  all-zero ``W_c``, which computes the same; such a run resumes with it.)
 * ``uniattn``: convert, load ``W_c`` from the init-calc file, then two stages in
   one command with the same data and schedule: stage 1 trains only the ``W_c``
   tensors (everything else ``requires_grad=False``), stage 2 trains everything,
@@ -53,7 +55,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -74,8 +75,9 @@ from .data import IGNORE_INDEX, collate, default_data_file, load_records, tokeni
 from .eval.split import train_eval_split
 from .init_file import load_init, read_metadata
 from .modeling import UNIATTN_FAMILIES
+from .net import free_port
 from .presets import CONFIGS_DIR, read_preset, select_preset
-from .resume import CheckpointError, check_run_file, resume_point, write_run_file
+from .resume import RUN_FILE, CheckpointError, check_run_file, resume_point, write_run_file
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +105,14 @@ class Stage:
     trainable: str        # "all", "all_but_compensation", "compensation", "compensation_vo"
 
 
-def plan_stages(mode: str, out: Path, stage1_trainable: str = "compensation") -> list[Stage]:
+def plan_stages(mode: str, out: Path, stage1_trainable: str = "compensation",
+                softmax_compensation: bool = False) -> list[Stage]:
+    """The stages of a run. ``softmax_compensation``: a softmax run begun with a frozen zero ``W_c``
+    (before followers could leave it out) keeps training everything but it; without ``W_c`` that is "all"."""
     if mode == "plain":
         return [Stage("train", out, out / "final", "all")]
     if mode == "softmax":
-        return [Stage("train", out, out / "final", "all_but_compensation")]
+        return [Stage("train", out, out / "final", "all_but_compensation" if softmax_compensation else "all")]
     if mode in ("cla", "drop"):
         return [Stage("train", out, out / "final", "all")]
     return [
@@ -246,6 +251,7 @@ class Checked:
     finished: bool
     # stage name -> {"records": the records it trains on, "max_steps": its own max_steps or None (targs')}
     plan: dict = field(default_factory=dict)
+    softmax_compensation: bool = False  # a softmax run begun with the frozen zero W_c (begun_with_compensation)
 
 
 def check_everything(script, targs: dict, config) -> Checked:
@@ -262,9 +268,12 @@ def check_everything(script, targs: dict, config) -> Checked:
         raise UsageError("--zero_init is for --mode uniattn without --init_path (W_c starts at zero)")
     _check_stage1_flags(script, targs)
     init_tensors = None
+    # softmax mode: followers without W_c, unless OUTPUT_DIR holds a run begun with the frozen zero W_c
+    softmax_compensation = mode == "softmax" and begun_with_compensation(out)
     if mode != "plain":
         # rejects a bad layout, names the fix
-        uni_config = uniattn_config_from(config, tuple(script.superblock), sharing_of(mode))
+        uni_config = uniattn_config_from(config, tuple(script.superblock), sharing_of(mode),
+                                         compensation=mode != "softmax" or softmax_compensation)
         logger.info("%s", uni_config.superblock_layout.describe())
         if mode == "uniattn" and not script.zero_init:
             if not script.init_path:
@@ -299,6 +308,8 @@ def check_everything(script, targs: dict, config) -> Checked:
     }
     if script.zero_init:
         identity["zero_init"] = True
+    if mode == "softmax":
+        identity["compensation"] = softmax_compensation
     plan = _plan_stage_data(script, targs, records)
     if mode == "uniattn":
         identity.update({k: getattr(script, k) for k in STAGE1_DEFAULTS},
@@ -307,10 +318,11 @@ def check_everything(script, targs: dict, config) -> Checked:
             # the split and the step counts: resuming with another seed or max_steps would mix two splits
             identity["stage1_split"] = {"seed": targs["seed"], **{name: {"records": len(p["records"]),
                                         "max_steps": p["max_steps"]} for name, p in plan.items()}}
-    check_run_file(out, identity, {**STAGE1_DEFAULTS, "stage1_split": None})
+    # a run file without "compensation" was written when every softmax follower had a W_c
+    check_run_file(out, identity, {**STAGE1_DEFAULTS, "stage1_split": None, "compensation": True})
     world = int(os.environ.get("WORLD_SIZE", 1))
     resume, finished = {}, True
-    stages = plan_stages(mode, out, script.stage1_trainable)
+    stages = plan_stages(mode, out, script.stage1_trainable, softmax_compensation)
     for i, stage in enumerate(stages):
         if stage.final.is_dir():
             resume[stage.name] = None
@@ -322,7 +334,17 @@ def check_everything(script, targs: dict, config) -> Checked:
                                   "delete OUTPUT_DIR to start over")
         resume[stage.name] = resume_point(stage.trainer_dir, world, bool(targs["deepspeed"]))
         break
-    return Checked(records, tokenizer, init_tensors, resume, identity, finished, plan)
+    return Checked(records, tokenizer, init_tensors, resume, identity, finished, plan, softmax_compensation)
+
+
+def begun_with_compensation(out: Path) -> bool:
+    """Whether OUTPUT_DIR holds a softmax run begun when softmax followers still had a frozen, all-zero W_c
+    (its run file records no "compensation"): its checkpoints hold W_c, so it resumes with it."""
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False  # no run yet, or an unreadable run file (check_run_file reports that)
+    return isinstance(saved, dict) and saved.get("mode") == "softmax" and saved.get("compensation", True) is True
 
 
 def _check_stage1_flags(script, targs: dict) -> None:
@@ -495,7 +517,10 @@ def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
         # load_converted checks the dropped / new keys itself; the stock load report would list them as
         # UNEXPECTED / MISSING and alarm the reader for nothing.
         with _quiet("transformers.modeling_utils"):
-            model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype, sharing_of(script.mode))
+            # softmax mode: no W_c, except in a run begun with the frozen zero W_c (all_but_compensation)
+            compensation = script.mode != "softmax" or stage.trainable == "all_but_compensation"
+            model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype, sharing_of(script.mode),
+                                      compensation)
         if init_tensors is not None:
             copy_compensation(model, init_tensors, getattr(script, "init_scale", 1.0))
     if script.attn_implementation:
@@ -507,7 +532,7 @@ def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
         elif stage.trainable == "compensation_vo":
             p.requires_grad_(is_wc or is_follower_vo(name, model.config))
         elif stage.trainable == "all_but_compensation":
-            p.requires_grad_(not is_wc)  # softmax mode: W_c stays at its zero init
+            p.requires_grad_(not is_wc)  # a softmax run begun with W_c: it stays at its zero init
         else:
             p.requires_grad_(True)
     size = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 leaves only a shard's numel)
@@ -561,7 +586,8 @@ def publish_final(trainer: Trainer, final: Path, info: dict) -> None:
 
 def train(script, targs: dict, checked: Checked) -> Path:
     out = Path(targs["output_dir"])
-    stages = plan_stages(script.mode, out, getattr(script, "stage1_trainable", "compensation"))
+    stages = plan_stages(script.mode, out, getattr(script, "stage1_trainable", "compensation"),
+                         checked.softmax_compensation)
     tokenizer = checked.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of attention and loss anyway
@@ -616,13 +642,6 @@ def train(script, targs: dict, checked: Checked) -> Path:
         del trainer, model
         gc.collect()
     return stages[-1].final
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for a rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launcher_env() -> None:

@@ -27,8 +27,8 @@ from uniattn.eval.report import (
     resolve_results,
     task_order,
     task_scores,
-    write_atomic,
 )
+from uniattn.io import atomic_path, write_text
 
 
 def _label(arg: str) -> tuple[str, str]:
@@ -116,14 +116,11 @@ def plot(labels, order, scores, metric: str, chance: dict, path: Path) -> None:
     ax.set_title(f"lm-eval {metric} per task" + (" (dashed: chance)" if chance else ""))
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")  # "PNG to write", whatever --plot ends in
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
@@ -142,7 +139,7 @@ def main(argv=None) -> int:
     table = markdown(labels, order, scores, items, args.metric, chance)
     print(table)
     if args.out is not None:
-        write_atomic(args.out, table)
+        write_text(args.out, table)
     plot(labels, order, scores, args.metric, chance, args.plot)
     print(f"wrote {args.plot}" + (f" and {args.out}" if args.out else ""))
     return 0

@@ -20,28 +20,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from uniattn.eval import TASKS_DIR
+from uniattn.io import write_text
 
 MANIFEST = TASKS_DIR / "data" / "MANIFEST.json"
 METRICS = ("acc", "acc_norm", "brier_score")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def resolve_results(path: str | os.PathLike) -> Path:
@@ -193,8 +178,8 @@ def publish(raw_json: Path, out_dir: Path, name: str = "results") -> tuple[Path,
     results = load_results(raw_json)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     md = f"# lm-eval results\n\n{run_summary(results)}\n{markdown_table(results)}"
-    write_atomic(json_path, json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
-    write_atomic(md_path, md)
+    write_text(json_path, json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(md_path, md)
     return json_path, md_path
 
 

@@ -54,10 +54,21 @@ def split_key(record: Mapping) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).lower().split())
 
 
+def hash_fraction(key: str, salt: str) -> float:
+    """A number in [0, 1), uniform over keys and fixed for each: SHA-256 of ``salt + "\\0" + key`` (UTF-8),
+    its first 8 bytes read big-endian, over 2**64.
+
+    Every salted split of the project goes through here, each with a salt of its own (this module's
+    ``SPLIT_SALT``, the experiment's validation slice, init calc's ridge hold-out, the pool's cap and order),
+    so that no two of them pick the same low-hash records. Changing this function reshuffles all of them.
+    """
+    digest = hashlib.sha256((salt + "\0" + key).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def eval_score(record: Mapping) -> float:
     """A number in [0, 1) that is uniform over records and fixed for each one."""
-    digest = hashlib.sha256((SPLIT_SALT + "\0" + split_key(record)).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+    return hash_fraction(split_key(record), SPLIT_SALT)
 
 
 def is_eval_record(record: Mapping, eval_fraction: float = EVAL_FRACTION) -> bool:

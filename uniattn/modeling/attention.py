@@ -12,7 +12,9 @@
   from the materialised P (eager, the reference path) or by calling the same
   fused kernel with the leader's Q and K (no T x T matrix is built). It returns
   ``o_proj(P V) + W_c u``, so the stock decoder layer places the compensation
-  exactly where the spec wants it for each family.
+  exactly where the spec wants it for each family; with
+  ``superblock_compensation=False`` (Softmax unification only) it has no ``W_c``
+  and returns ``o_proj(P V)``.
 * ``KVSharingFollowerAttention`` is the cross-layer KV sharing (CLA) baseline on
   the same layout: no ``k_proj``/``v_proj`` and no cache of its own; it attends
   with its own RoPE'd Q over the leader's K and V, without compensation.
@@ -267,15 +269,22 @@ class _FollowerBase(nn.Module):
 
 
 class FollowerAttention(_FollowerBase):
-    """Reuses the leader's attention probabilities with its own V; adds the compensation ``W_c u``."""
+    """Reuses the leader's attention probabilities with its own V; adds the compensation ``W_c u``.
+
+    With ``config.superblock_compensation=False`` (Softmax unification only) there is no
+    ``compensation`` module: the follower returns ``o_proj(P V)``, which is what a zero ``W_c``
+    gives, without its hidden x hidden matmul and parameters.
+    """
 
     def __init__(self, config, layer_idx: int, leader_idx: int):
         super().__init__(config, layer_idx, leader_idx)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=self.bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=self.bias)
-        self.compensation = nn.Linear(config.hidden_size, config.hidden_size, bias=self.bias)
-        # Zero W_c is "no compensation": what a missing W_c must mean when a checkpoint is loaded.
-        self.compensation._uniattn_zero_init = True
+        self.has_compensation = getattr(config, "superblock_compensation", True)
+        if self.has_compensation:
+            self.compensation = nn.Linear(config.hidden_size, config.hidden_size, bias=self.bias)
+            # Zero W_c is "no compensation": what a missing W_c must mean when a checkpoint is loaded.
+            self.compensation._uniattn_zero_init = True
 
     def follow(self, hidden_states, state, position_embeddings, past_key_values, **kwargs):
         input_shape = hidden_states.shape[:-1]
@@ -289,6 +298,8 @@ class FollowerAttention(_FollowerBase):
             # P_leader @ V == attn(Q_leader, K_leader, V): the fused kernel gives it without building P.
             attn_output = self.leader_kernel(state.query, state.key, value_states, state, **kwargs)
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        if not self.has_compensation:
+            return attn_output
         return attn_output + self.compensation(hidden_states)
 
 

@@ -20,11 +20,15 @@ from .layout import SuperBlockLayout
 # plus W_c); "kv" is cross-layer KV sharing (CLA: the leader's K and V, own Q, no compensation),
 # the method's main baseline; "drop" removes the follower's attention sub-layer altogether (the
 # paper's LLMDrop baseline: h = x + MLP part only, no cache), so all three save KV on the same layout.
+# ``superblock_compensation=False`` gives "softmax" followers no W_c at all (the "Softmax unification
+# only" arm: o_proj(P V), no hidden x hidden matmul, no parameters); "kv" and "drop" never have one.
+# A config saved before the field existed has W_c, so the field defaults to True.
 SHARINGS = ("softmax", "kv", "drop")
 
 
 class UniAttnConfigMixin:
-    """Adds ``superblock_size/begin/end`` (the seed's ``G B E``) and ``superblock_sharing`` to a base config."""
+    """Adds ``superblock_size/begin/end`` (the seed's ``G B E``), ``superblock_sharing`` and
+    ``superblock_compensation`` to a base config."""
 
     base_model_type: str = ""
 
@@ -43,6 +47,11 @@ class UniAttnConfigMixin:
                 "'softmax' for UniAttn, 'kv' for cross-layer KV sharing (CLA), "
                 "'drop' for removing the followers' attention (layer dropping, LLMDrop)"
             )
+        if not isinstance(self.superblock_compensation, bool):
+            raise ValueError(
+                f"superblock_compensation {self.superblock_compensation!r} must be true or false: "
+                "true gives UniAttn followers the compensation W_c, false leaves it out (softmax unification only)"
+            )
 
 
 @strict
@@ -53,6 +62,7 @@ class UniAttnLlamaConfig(UniAttnConfigMixin, LlamaConfig):
     superblock_begin: int = 0
     superblock_end: int | None = None
     superblock_sharing: str = "softmax"
+    superblock_compensation: bool = True
 
 
 @strict
@@ -63,6 +73,7 @@ class UniAttnMistralConfig(UniAttnConfigMixin, MistralConfig):
     superblock_begin: int = 0
     superblock_end: int | None = None
     superblock_sharing: str = "softmax"
+    superblock_compensation: bool = True
 
 
 @strict
@@ -73,6 +84,7 @@ class UniAttnGemma2Config(UniAttnConfigMixin, Gemma2Config):
     superblock_begin: int = 0
     superblock_end: int | None = None
     superblock_sharing: str = "softmax"
+    superblock_compensation: bool = True
 
 
 UNIATTN_CONFIGS = {c.base_model_type: c for c in (UniAttnLlamaConfig, UniAttnMistralConfig, UniAttnGemma2Config)}

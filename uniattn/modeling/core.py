@@ -3,7 +3,7 @@
 ``UniAttnModelMixin`` sits on top of a family's stock ``*Model``: it builds the
 stock layers, then gives ordinary and leader layers the family's
 ``SoftmaxAttentionMixin`` attention and followers a ``FollowerAttention``
-(no Q/K projections), or, with ``superblock_sharing="kv"``, the CLA baseline's
+(no Q/K projections; no ``W_c`` either with ``superblock_compensation=False``), or, with ``superblock_sharing="kv"``, the CLA baseline's
 ``KVSharingFollowerAttention``, or, with ``"drop"``, the layer-dropping baseline's
 ``DropFollowerAttention`` (attention sub-layer removed; its leader is then an
 ordinary layer that publishes nothing). One module per kind keeps the stock

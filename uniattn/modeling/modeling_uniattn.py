@@ -5,7 +5,8 @@ attention modules (see ``core.py`` / ``attention.py``): the decoder layers,
 norms, MLPs, embeddings and LM heads are the stock ones. Follower blocks get
 ``o_proj(P_leader V) + W_c u`` through the stock layer code, which puts the
 compensation before the residual add for LLaMA / Mistral and inside
-``post_attention_layernorm`` for Gemma-2, as the method prescribes. The
+``post_attention_layernorm`` for Gemma-2, as the method prescribes (without
+``superblock_compensation`` they return ``o_proj(P_leader V)`` alone). The
 baselines reuse the same layers: a CLA follower returns its attention over the
 leader's K/V, a dropped follower (``superblock_sharing="drop"``) returns zeros,
 which the stock code turns into ``h = x`` for every family.

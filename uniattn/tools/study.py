@@ -13,7 +13,8 @@ runs with ``--seeds``. Scores: response loss on the pool's held-out domain
 
 Arms at each frontier point, a UniAttn layout with F followers (``--frontier``):
 
-* ``softmax``: Softmax unification, no compensation (W_c frozen at zero);
+* ``softmax``: Softmax unification, no compensation (followers without W_c; the published
+  runs carried a frozen, all-zero W_c, which computes the same);
 * ``uniattn``: init calc, then stage 1 (W_c only) on a share ``--stage1_share``
   of the steps and of the records, stage 2 (everything) on the rest: the equal-steps
   protocol, the main comparison;
@@ -51,6 +52,7 @@ import torch
 from ..experiment import Paused, device_name, exit_code, run_logged, versions
 from ..io import write_json
 from ..modeling.layout import SuperBlockLayout
+from ..net import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ class Study:
             init = self.init_calc(run.followers, run.layout) if run.arm in INIT_ARMS else None
             launcher = ([self.py, "-m", "uniattn.train", "--deepspeed", ""] if self.args.launcher == "python" else
                         [self.py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-                         str(_port()), "--module", "uniattn.train"])
+                         str(free_port()), "--module", "uniattn.train"])
             cmd = [*launcher, *arm_flags(run.arm, init, self.args.stage1_share), "--model_dir", self.args.model_dir,
                    "--data", str(self.pool / "train.jsonl"), "--include_eval_items", "--output_dir", str(folder),
                    "--seed", str(run.seed), "--learning_rate", f"{run.lr:g}", "--max_steps", str(self.args.steps),
@@ -321,12 +323,6 @@ class Study:
             raise RuntimeError(f"{len(self.failed)} runs failed ({', '.join(sorted(self.failed))}); their logs are in "
                                f"{self.out / 'logs'}; {path} holds the rest; rerun the same command to retry them")
         return path
-
-
-def _port() -> int:
-    from ..train import free_port
-
-    return free_port()
 
 
 def _train_info(folder: Path) -> dict:

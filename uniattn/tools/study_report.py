@@ -20,7 +20,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..io import write_text
+from ..io import atomic_path, write_text
 
 LABELS = {
     "base": "base (no FT)", "plain": "plain FT", "softmax": "softmax-only", "uniattn": "UniAttn (equal steps)",
@@ -206,9 +206,8 @@ def plot(data: dict, groups: dict, base_kv: int, png: Path) -> None:
                  f"seeds {sorted({r['run']['seed'] for r in data['results'].values() if r['run']['seed'] is not None})}, "
                  f"{', '.join(d for d in data.get('run_devices', [data['device']]) if d != 'unrecorded')}", fontsize=9)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(png)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def render(data: dict, advisor: dict | None = None) -> str:
