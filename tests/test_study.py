@@ -100,3 +100,32 @@ def test_missing_pool_file_exits_2(base, pool, tmp_path, capsys):
     (partial / POOL_FILES[0]).write_text((pool / POOL_FILES[0]).read_text())
     assert study_main(["--pool", str(partial), "--out", str(tmp_path / "o"), "--model_dir", str(base)]) == 2
     assert "build_pool.sh" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_ablation_arms_get_their_init_and_flags(base, pool, tmp_path, monkeypatch):
+    import uniattn.tools.study as study
+
+    calls = []
+
+    def fake_run(cmd, log, env=None):  # init calc is tested in test_init_calc; here only what the study asks for
+        calls.append(cmd)
+        out = tmp_path / "o" / "init" / cmd[cmd.index("--output") + 1].rsplit("/", 1)[-1]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(b"x")
+        return 0.0
+
+    monkeypatch.setattr(study, "run_logged", fake_run)
+    args = study.build_parser().parse_args(["--pool", str(pool), "--out", str(tmp_path / "o"),
+                                            "--model_dir", str(base), *POINTS])
+    s = study.Study(args, LAYERS)
+    fixed, auto = s.init_calc(2), s.init_calc(2, ridge_auto=True)
+    assert fixed != auto and len(calls) == 2
+    assert "--ridge" not in calls[0] and calls[1][calls[1].index("--ridge") + 1] == "auto"
+    assert s.init_calc(2, ridge_auto=True) == auto and len(calls) == 2  # cached
+    flags = study.arm_flags("uniattn_kl_vo", auto, 0.5)
+    assert flags[flags.index("--stage1_objective") + 1] == "kl"
+    assert flags[flags.index("--stage1_trainable") + 1] == "compensation_vo"
+    assert flags[flags.index("--stage1_share") + 1] == "0.5"
+    ridge = study.arm_flags("uniattn_ridge", auto, 0.5)
+    assert ridge[ridge.index("--init_path") + 1] == str(auto) and "--stage1_share" in ridge
+    assert "--stage1_share" not in study.arm_flags("uniattn_seed", fixed, 0.5)

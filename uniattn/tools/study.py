@@ -22,6 +22,9 @@ Arms at each frontier point, a UniAttn layout with F followers (``--frontier``):
   on the same records (twice the optimizer steps);
 * ``uniattn_wc0``: the equal-steps recipe from W_c = 0 (is the init worth having?);
 * ``uniattn_kl``: stage 1 as distillation from the base model (KL), equal steps;
+* ``uniattn_kl_vo``: the same, stage 1 also training the followers' V / O projections;
+* ``uniattn_ridge``: equal steps from an init whose ridge init calc chose on held-out error
+  (``--ridge auto``), the "init that survives training" candidate;
 * ``cla`` and ``drop``: cross-layer KV sharing and layer dropping on a layout with
   F / 2 followers, which saves the same KV bytes (each of their followers drops K
   and V, a UniAttn follower only K).
@@ -57,9 +60,11 @@ from ..net import free_port
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-ARMS = ("base", "plain", "softmax", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "cla", "drop")
+ARMS = ("base", "plain", "softmax", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo",
+        "uniattn_ridge", "cla", "drop")
 HALF_LAYOUT_ARMS = ("cla", "drop")  # their followers drop K and V: half as many save the same bytes
-INIT_ARMS = ("uniattn", "uniattn_seed", "uniattn_kl")
+INIT_ARMS = ("uniattn", "uniattn_seed", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge")
+RIDGE_AUTO_ARMS = ("uniattn_ridge",)  # init calc with the ridge chosen on held-out error (--ridge auto)
 POOL_FILES = ("train.jsonl", "val_domain.jsonl", "val_general.jsonl", "heldout_domain.jsonl", "heldout_general.jsonl")
 
 
@@ -72,6 +77,9 @@ def arm_flags(arm: str, init: Path | None, share: float) -> list[str]:
         "uniattn_seed": ["--mode", "uniattn", "--init_path", str(init)],
         "uniattn_wc0": ["--mode", "uniattn", "--zero_init", *equal],
         "uniattn_kl": ["--mode", "uniattn", "--init_path", str(init), "--stage1_objective", "kl", *equal],
+        "uniattn_kl_vo": ["--mode", "uniattn", "--init_path", str(init), "--stage1_objective", "kl",
+                          "--stage1_trainable", "compensation_vo", *equal],
+        "uniattn_ridge": ["--mode", "uniattn", "--init_path", str(init), *equal],
         "cla": ["--mode", "cla"],
         "drop": ["--mode", "drop"],
     }[arm]
@@ -150,22 +158,22 @@ class Study:
         return self.points[followers // 2 if arm in HALF_LAYOUT_ARMS else followers]
 
     # ------------------------------------------------------------ steps
-    def init_calc(self, followers: int, layout=None) -> Path:
+    def init_calc(self, followers: int, layout=None, ridge_auto: bool = False) -> Path:
         g, b, e = layout or self.points[followers]
-        path = self.out / "init" / f"init_{g}_{b}_{e}.safetensors"
+        path = self.out / "init" / f"init_{g}_{b}_{e}{'_ridgeauto' if ridge_auto else ''}.safetensors"
         if not path.exists():
             self._may_start(f"init calc {g} {b} {e}")
             cmd = [self.py, "-m", "uniattn.init_calc", "--model_dir", self.args.model_dir,
                    "--data", str(self.pool / "train.jsonl"), "--include_eval_items", "--superblock", str(g), str(b), str(e),
                    "--output", str(path), "--num_samples", str(self.args.init_samples),
-                   "--max_length", str(self.args.max_length)]
-            seconds = run_logged(cmd, self.out / "logs" / f"init_{g}_{b}_{e}.log")
+                   "--max_length", str(self.args.max_length)] + (["--ridge", "auto"] if ridge_auto else [])
+            seconds = run_logged(cmd, self.out / "logs" / f"{path.stem}.log")
             write_json(path.with_suffix(".timing.json"), {"seconds": round(seconds, 1)})
         return path
 
-    def _maybe_init(self, followers: int, layout=None) -> None:
+    def _maybe_init(self, followers: int, layout=None, ridge_auto: bool = False) -> None:
         try:
-            self.init_calc(followers, layout)
+            self.init_calc(followers, layout, ridge_auto)
         except NotDone:
             pass
 
@@ -178,7 +186,8 @@ class Study:
         final = folder / "final"
         if not final.is_dir():
             self._may_start(f"training {run.name}")
-            init = self.init_calc(run.followers, run.layout) if run.arm in INIT_ARMS else None
+            init = (self.init_calc(run.followers, run.layout, run.arm in RIDGE_AUTO_ARMS)
+                    if run.arm in INIT_ARMS else None)
             launcher = ([self.py, "-m", "uniattn.train", "--deepspeed", ""] if self.args.launcher == "python" else
                         [self.py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
                          str(free_port()), "--module", "uniattn.train"])
@@ -281,6 +290,8 @@ class Study:
         if set(INIT_ARMS) & set(args.arms):
             for f in args.frontier:  # before the parallel runs, so no two of them compute one init
                 self._maybe_init(f)
+                if set(RIDGE_AUTO_ARMS) & set(args.arms) and (f == args.main or set(RIDGE_AUTO_ARMS) & set(args.frontier_arms)):
+                    self._maybe_init(f, ridge_auto=True)
             for layout in args.alt_layouts:
                 self._maybe_init(args.main, layout)
         chosen, validation = self.search(grid_arms)

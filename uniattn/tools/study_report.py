@@ -23,9 +23,12 @@ from pathlib import Path
 from ..io import atomic_path, write_text
 
 LABELS = {
-    "base": "base (no FT)", "plain": "plain FT", "softmax": "softmax-only", "uniattn": "UniAttn (equal steps)",
-    "uniattn_seed": "UniAttn, seed protocol (2 full stages)", "uniattn_wc0": "UniAttn from W_c = 0 (equal steps)",
-    "uniattn_kl": "UniAttn, stage 1 = KL distillation", "cla": "CLA (F/2 followers)", "drop": "layer drop (F/2 followers)",
+    "base": "base (no FT)", "plain": "plain FT", "softmax": "softmax-only",
+    "uniattn": "UniAttn (equal steps)", "uniattn_seed": "UniAttn, seed protocol (2 full stages)",
+    "uniattn_wc0": "UniAttn from W_c = 0 (equal steps)", "uniattn_kl": "UniAttn, stage 1 = KL distillation",
+    "uniattn_kl_vo": "UniAttn, stage 1 = KL distillation of W_c + follower V/O",
+    "uniattn_ridge": "UniAttn, init ridge chosen on held-out error",
+    "cla": "CLA (F/2 followers)", "drop": "layer drop (F/2 followers)",
 }
 SETS = ("heldout_domain", "heldout_general")
 
@@ -112,7 +115,8 @@ def main_table(data: dict, groups: dict, base_kv: int) -> list[str]:
              "|---" * 11 + "|"]
     plain = groups.get(("plain", 0), {})
     uni = groups.get(("uniattn", main), {})
-    order = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "softmax", "cla", "drop"]
+    order = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge",
+             "softmax", "cla", "drop"]
     for arm in order:
         seeds = groups.get((arm, 0 if arm in ("plain", "base") else main))
         if not seeds:
@@ -185,7 +189,8 @@ def plot(data: dict, groups: dict, base_kv: int, png: Path) -> None:
             m, sd = statistics.mean(plain), _sd(plain)
             ax.axhspan(m - sd, m + sd, color="grey", alpha=0.25, label="plain FT (mean ± sd)")
             ax.axhline(m, color="grey", lw=1)
-        for arm in ("uniattn", "softmax", "cla", "drop", "uniattn_kl", "uniattn_wc0", "uniattn_seed"):
+        for arm in ("uniattn", "softmax", "cla", "drop", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge", "uniattn_wc0",
+                    "uniattn_seed"):
             pts = sorted((kv_saving(next(iter(v.values())), base_kv), [r["loss"][s] for r in v.values()])
                          for (a, f), v in groups.items() if a == arm)
             if not pts:
