@@ -17,6 +17,7 @@ LAYERS = 5
 # 2 UniAttn followers (layers 2, 4) and, for CLA / drop at the same KV saving, 1 follower (layer 4).
 POINTS = ["--points", "2=2,1,6", "1=2,3,5", "--frontier", "2", "--main", "2"]
 STEPS = 4
+ARMS_NO_BASE = ["plain", "softmax", "uniattn", "uniattn_seed", "cla", "drop"]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,12 @@ def test_study_runs_every_arm_with_equal_steps_and_reports(base, pool, tmp_path)
     assert study_main([*argv, "--collect"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["results"] == data["results"] and again["chosen_lr"] == data["chosen_lr"]
+    # A fresh folder seeded from that results file trains nothing either (how a new GPU machine resumes).
+    fresh = tmp_path / "fresh"
+    assert study_main([*argv[:argv.index("--out") + 1], str(fresh), *argv[argv.index("--out") + 2:],
+                       "--seed_from", str(out / "results.json"), "--collect", "--arms", *ARMS_NO_BASE]) == 0
+    seeded = json.loads((fresh / "results.json").read_text())["results"]
+    assert seeded == {k: v for k, v in data["results"].items() if k != "base"}
     assert report_main([str(out / "results.json"), "--md", str(tmp_path / "r.md"), "--png", str(tmp_path / "f.png")]) == 0
     text = (tmp_path / "r.md").read_text()
     assert "UniAttn (equal steps)" in text and "layer drop" in text and "seed spread" in text

@@ -262,10 +262,12 @@ class Study:
         grid = {arm: sorted(self.args.lrs) for arm in arms}
         factor = sorted(self.args.lrs)[1] / sorted(self.args.lrs)[0] if len(self.args.lrs) > 1 else 3.0
         tried: dict[str, dict[float, float]] = {arm: {} for arm in arms}
+        self.search_results = {}
         for _ in range(self.args.max_widen + 1):
             todo = [Run(a, 0 if a == "plain" else main, lr, seed) for a in arms for lr in grid[a] if lr not in tried[a]]
             for run, res in self.parallel(todo).items():
                 tried[run.arm][run.lr] = res["loss"]["val"]
+                self.search_results[run.name] = res
             widened = False
             for arm in arms:
                 lrs = sorted(tried[arm])
@@ -283,9 +285,26 @@ class Study:
         chosen = {arm: min(tried[arm], key=tried[arm].get) for arm in arms if tried[arm]}
         return chosen, {arm: {f"{lr:g}": round(v, 4) for lr, v in sorted(tried[arm].items())} for arm in arms}
 
+    def seed_cache(self, results_file: Path) -> int:
+        """Put the runs of an earlier results.json into this study's cache, so they are not trained again
+        (e.g. docs/results_pool.json on a fresh GPU machine). Returns how many were added."""
+        added = 0
+        for res in json.loads(Path(results_file).read_text())["results"].values():
+            run = dict(res["run"])
+            if run["arm"] == "base":
+                continue
+            run["layout"] = tuple(run["layout"]) if run.get("layout") else None
+            scores = self.out / "runs" / Run(**run).name / "scores.json"
+            if not scores.exists():
+                write_json(scores, res)
+                added += 1
+        return added
+
     def run(self) -> Path:
         start = time.perf_counter()
         args = self.args
+        if args.seed_from:
+            logger.info("%d finished runs taken from %s", self.seed_cache(args.seed_from), args.seed_from)
         grid_arms = [a for a in args.arms if a in args.grid_arms and a != "base"]
         if set(INIT_ARMS) & set(args.arms):
             for f in args.frontier:  # before the parallel runs, so no two of them compute one init
@@ -314,7 +333,9 @@ class Study:
                         runs.append(Run(arm, 0 if arm == "plain" else f, chosen[arm], seed))
         if "uniattn" in chosen:  # the advisor's check: other layouts, first seed
             runs += [Run("uniattn", args.main, chosen["uniattn"], args.seeds[0], tuple(l)) for l in args.alt_layouts]
-        results = {run.name: res for run, res in self.parallel(runs).items()}
+        # Every run, the learning-rate search's too, so that --seed_from can resume from this file alone;
+        # the report keeps each arm's chosen rate.
+        results = {**self.search_results, **{run.name: res for run, res in self.parallel(runs).items()}}
         if "base" in args.arms and not (args.collect and not (self.out / "scores" / "base.json").exists()):
             results["base"] = {"run": {"arm": "base", "followers": 0, "lr": 0, "seed": None, "layout": None}, "layout": None,
                                **self.score(Path(args.model_dir), "base"), "train": {}}
@@ -400,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_models", action="store_true", help="keep every trained model (default: scores only)")
     p.add_argument("--alt_layouts", nargs="+", type=_layout, default=[], metavar="G,B,E",
                    help="UniAttn (equal steps, first seed) on these layouts too: checks the layout advisor's ranking")
+    p.add_argument("--seed_from", type=Path, metavar="RESULTS_JSON",
+                   help="take the finished runs of an earlier results.json (e.g. docs/results_pool.json) as cached")
     p.add_argument("--collect", action="store_true",
                    help="run nothing: write results.json from what earlier calls finished")
     p.add_argument("--stop_after", type=float, metavar="SECONDS", help="start nothing new after this long (exit 3)")

@@ -45,13 +45,15 @@ def _sd(values):
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def group(results: dict) -> dict:
-    """{(arm, followers): {seed: result}}, without the advisor-check runs on other layouts."""
+def group(results: dict, chosen: dict | None = None) -> dict:
+    """{(arm, followers): {seed: result}} at each arm's chosen rate, without the advisor-check runs on other
+    layouts (the learning-rate search's other runs are in the file too)."""
     out = defaultdict(dict)
     for res in results.values():
         run = res["run"]
-        if not run.get("layout"):
-            out[(run["arm"], run["followers"])][run["seed"]] = res
+        if run.get("layout") or (chosen and run["arm"] in chosen and run["lr"] != chosen[run["arm"]]):
+            continue
+        out[(run["arm"], run["followers"])][run["seed"]] = res
     return out
 
 
@@ -83,7 +85,8 @@ def advisor_table(data: dict, advisor: dict | None) -> list[str]:
     rows = {}
     for res in data["results"].values():
         run = res["run"]
-        if run["arm"] == "uniattn" and run["seed"] == seed and run["followers"] == main:
+        if (run["arm"] == "uniattn" and run["seed"] == seed and run["followers"] == main
+                and run["lr"] == data["chosen_lr"].get("uniattn")):
             rows[" ".join(map(str, res["layout"]))] = res
     if len(rows) < 2:
         return []
@@ -218,7 +221,7 @@ def plot(data: dict, groups: dict, base_kv: int, png: Path) -> None:
 def render(data: dict, advisor: dict | None = None) -> str:
     # "unrecorded": a result cached by an older version of the study, which did not record its machine.
     results = dict(data["results"])
-    groups = group(results)
+    groups = group(results, data["chosen_lr"])
     base_kv = _base_kv(data)
     lines = [f"Model {data['model_dir']}; pool {data['pool']}; {data['steps']} optimizer steps x {data['batch']} records "
              f"(<= {data['max_length']} tokens) per arm; UniAttn stage-1 share {data['stage1_share']}; seeds configured "
@@ -258,14 +261,14 @@ def main(argv=None) -> int:
     md = args.md or args.results.with_suffix(".md")
     png = args.png or args.results.with_name("frontier.png")
     write_text(md, text)
-    plot(data, group(data["results"]), _base_kv(data), png)
+    plot(data, group(data["results"], data["chosen_lr"]), _base_kv(data), png)
     print(text)
     print(f"wrote {md} and {png}")
     return 0
 
 
 def _base_kv(data: dict) -> int:
-    groups = group(data["results"])
+    groups = group(data["results"], data["chosen_lr"])
     base = groups.get(("base", 0), {})
     if base:
         return next(iter(base.values()))["kv"]["cache"]
