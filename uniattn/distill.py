@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, Trainer
 
 

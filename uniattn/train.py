@@ -63,7 +63,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback,
                           TrainingArguments)
 
@@ -522,7 +521,7 @@ def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
             model, _ = load_converted(script.model_dir, tuple(script.superblock), dtype, sharing_of(script.mode),
                                       compensation)
         if init_tensors is not None:
-            copy_compensation(model, init_tensors, getattr(script, "init_scale", 1.0))
+            copy_compensation(model, init_tensors, script.init_scale)
     if script.attn_implementation:
         model.set_attn_implementation(script.attn_implementation)
     for name, p in model.named_parameters():
@@ -586,7 +585,7 @@ def publish_final(trainer: Trainer, final: Path, info: dict) -> None:
 
 def train(script, targs: dict, checked: Checked) -> Path:
     out = Path(targs["output_dir"])
-    stages = plan_stages(script.mode, out, getattr(script, "stage1_trainable", "compensation"),
+    stages = plan_stages(script.mode, out, script.stage1_trainable,
                          checked.softmax_compensation)
     tokenizer = checked.tokenizer
     if tokenizer.pad_token_id is None:
@@ -618,7 +617,7 @@ def train(script, targs: dict, checked: Checked) -> Path:
         kw = dict(model=model, args=args, train_dataset=dataset, data_collator=collator,
                   processing_class=tokenizer, callbacks=_callbacks(stage))
         objective = "lm"
-        if stage.name == "stage1" and getattr(script, "stage1_objective", "lm") == "kl":
+        if stage.name == "stage1" and script.stage1_objective == "kl":
             objective = "kl"
             trainer = DistillTrainer(**kw, teacher=load_teacher(script, dtype, args.device))
         else:
