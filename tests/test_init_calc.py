@@ -324,6 +324,18 @@ def test_cli_ridge_auto_records_the_choice(tiny_base, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-9)
 
 
+def test_default_ridge_is_chosen_on_held_out_records_unless_too_few(tiny_base, tmp_path):
+    data = _data(tmp_path, n=16)
+    auto, small = tmp_path / "auto.safetensors", tmp_path / "small.safetensors"
+    assert init_main(_args(tiny_base, data, auto)) == 0
+    assert read_metadata(auto)["ridge"] == "auto" and read_metadata(auto)["holdout_tokens"] > 0
+    # One record cannot be split: the default falls back to the seed's ridge, an explicit auto refuses.
+    assert init_main(_args(tiny_base, data, small, "--num_samples", "1")) == 0
+    assert read_metadata(small)["ridge"] == 1e-4 and "ridge_grid" not in read_metadata(small)
+    assert init_main(_args(tiny_base, data, tmp_path / "x.safetensors", "--num_samples", "1", "--ridge", "auto")) == 2
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -368,5 +380,45 @@ def test_ridge_auto_two_processes_one_without_a_batch_agree_with_one(tiny_base, 
     for f1, f2 in zip(m1["followers"], m2["followers"]):
         assert f2["holdout_mse"] == pytest.approx(f1["holdout_mse"], rel=1e-6)
     a, b = load_init(one, _config(tiny_base)), load_init(two, _config(tiny_base))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------ bounded memory (uniattn.activations)
+def test_offloaded_activations_give_the_same_w_c_and_leave_no_files(family, tmp_path):
+    batches = _batches(n=9, seed=4)
+    stock, _ = make_pair(family, layout=(2, 1, 6), compensation=False, seed=41)
+    got = {}
+    for mode in ("device", "cpu", "disk"):
+        _, uni = make_pair(family, layout=(2, 1, 6), compensation=False, seed=41)
+        report = propagate(stock, uni, batches, fit=True, ridge=1e-3, progress=False, offload=mode, offload_dir=tmp_path)
+        got[mode] = (report, {n: p.clone() for n, p in uni.named_parameters() if "compensation" in n})
+    for mode in ("cpu", "disk"):
+        assert [r["stream_rel_error"] for r in got[mode][0]] == pytest.approx(
+            [r["stream_rel_error"] for r in got["device"][0]], rel=1e-6)
+        for name, want in got["device"][1].items():
+            torch.testing.assert_close(got[mode][1][name], want, rtol=1e-5, atol=1e-8)
+    assert list(tmp_path.iterdir()) == []  # the disk store removed its folder
+
+
+def test_auto_offload_keeps_small_sets_on_the_device_and_spills_large_ones():
+    from uniattn.activations import choose_mode
+
+    assert choose_mode("auto", torch.device("cpu"), 10, 100) == "device"
+    assert choose_mode("auto", torch.device("cpu"), 1000, 100) == "disk"
+    assert choose_mode("auto", torch.device("cuda"), 1000, 100) == "cpu"
+    assert choose_mode("cpu", torch.device("cpu"), 10, 100) == "cpu"
+
+
+def test_three_processes_with_one_batch_agree_with_one(tiny_base, tmp_path):
+    data = _data(tmp_path, n=6)
+    one, three = tmp_path / "one.safetensors", tmp_path / "three.safetensors"
+    extra = ("--batch_size", "8", "--ridge", "1e-3", "--offload", "disk")  # one batch: ranks 1 and 2 get none
+    assert init_main(_args(tiny_base, data, one, *extra)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", "29519",
+                    "-m", "uniattn.init_calc", *_args(tiny_base, data, three, *extra)], check=True, env=env, timeout=300)
+    assert read_metadata(three)["world_size"] == 3 and read_metadata(three)["offload"] == "disk"
+    a, b = load_init(one, _config(tiny_base)), load_init(three, _config(tiny_base))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)

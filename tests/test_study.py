@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from train_helpers import make_checkpoint
@@ -83,6 +84,10 @@ def test_study_runs_every_arm_with_equal_steps_and_reports(base, pool, tmp_path)
     assert report_main([str(out / "results.json"), "--md", str(tmp_path / "r.md"), "--png", str(tmp_path / "f.png")]) == 0
     text = (tmp_path / "r.md").read_text()
     assert "UniAttn (equal steps)" in text and "layer drop" in text and "seed spread" in text
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # a delimiter row with another cell count than its header breaks the table
+        if line.startswith("|---"):
+            assert line.count("|") == lines[i - 1].count("|"), lines[i - 1]
     assert (tmp_path / "f.png").stat().st_size > 1000
 
 
@@ -127,7 +132,7 @@ def test_ablation_arms_get_their_init_and_flags(base, pool, tmp_path, monkeypatc
     s = study.Study(args, LAYERS)
     fixed, auto = s.init_calc(2), s.init_calc(2, ridge_auto=True)
     assert fixed != auto and len(calls) == 2
-    assert "--ridge" not in calls[0] and calls[1][calls[1].index("--ridge") + 1] == "auto"
+    assert calls[0][calls[0].index("--ridge") + 1] == "0.0001" and calls[1][calls[1].index("--ridge") + 1] == "auto"
     assert s.init_calc(2, ridge_auto=True) == auto and len(calls) == 2  # cached
     flags = study.arm_flags("uniattn_kl_vo", auto, 0.5)
     assert flags[flags.index("--stage1_objective") + 1] == "kl"
@@ -136,3 +141,62 @@ def test_ablation_arms_get_their_init_and_flags(base, pool, tmp_path, monkeypatc
     ridge = study.arm_flags("uniattn_ridge", auto, 0.5)
     assert ridge[ridge.index("--init_path") + 1] == str(auto) and "--stage1_share" in ridge
     assert "--stage1_share" not in study.arm_flags("uniattn_seed", fixed, 0.5)
+    short = study.arm_flags("uniattn_short", auto, 0.5)
+    assert short[short.index("--stage1_share") + 1] == "0.1" and "uniattn_short" in study.RIDGE_AUTO_ARMS
+
+
+def test_slots_deal_gpus_round_robin_and_come_back():
+    from uniattn.tools.study import Slots
+
+    slots = Slots(4, ["2", "5"])
+    with slots.take() as a, slots.take() as b, slots.take() as c:
+        assert [a, b, c] == [{"CUDA_VISIBLE_DEVICES": g} for g in ("2", "5", "2")]
+    assert slots.free.qsize() == 4
+    with Slots(1, []).take() as env:
+        assert env == {}  # no GPU: the child keeps the parent's environment
+
+
+def test_each_arm_searches_alone_and_ablations_take_uniattns_rate(base, pool, tmp_path, monkeypatch):
+    import uniattn.tools.study as study
+
+    best = {"plain": 2e-5, "uniattn": 5e-4, "drop": 1e-4}  # plain's and uniattn's optimum lie past the grid's edges
+    seen = []
+
+    def fake(self, run):
+        seen.append(run)
+        val = abs(__import__("math").log10(run.lr / best.get(run.arm, 1e-4)))
+        return {"loss": {"val": val}, "kv": {}, "run": run.__dict__}
+
+    monkeypatch.setattr(study.Study, "train_and_score", fake)
+    argv = ["--pool", str(pool), "--out", str(tmp_path / "o"), "--model_dir", str(base), *POINTS,
+            "--arms", "plain", "uniattn", "uniattn_wc0", "drop", "softmax", "--lr_for", "softmax=2e-4",
+            "--seeds", "0", "1", "--lrs", "3e-5", "1e-4", "3e-4", "--max_widen", "2"]
+    assert study.main(argv) == 0
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert data["chosen_lr"] == {"plain": 3e-5, "uniattn": 3e-4, "drop": 1e-4, "uniattn_wc0": 3e-4, "softmax": 2e-4}
+    assert set(data["validation_loss"]["plain"]) == {"9e-06", "3e-05", "0.0001", "0.0003"}  # widened once (x 10/3)
+    assert set(data["validation_loss"]["uniattn"]) == {"3e-05", "0.0001", "0.0003", "0.001"}
+    assert not {r.lr for r in seen if r.arm == "softmax"} - {2e-4}  # a fixed rate is not searched
+    assert {(r.arm, r.seed) for r in seen if r.arm == "uniattn_wc0"} == {("uniattn_wc0", 0), ("uniattn_wc0", 1)}
+
+
+def test_stop_after_still_scores_a_trained_model(base, pool, tmp_path, monkeypatch):
+    import uniattn.tools.study as study
+
+    def fake_score(cmd, log, env=None):
+        model = cmd[cmd.index("uniattn.loss_eval") + 1]
+        files = cmd[cmd.index("--data") + 1:cmd.index("--limit")]
+        out = Path(cmd[cmd.index("--json") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({model: {"kv": {"cache": 1}, **{f: {"loss": 2.0} for f in files}}}))
+        return 0.0
+
+    monkeypatch.setattr(study, "run_logged", fake_score)
+    args = study.build_parser().parse_args(["--pool", str(pool), "--out", str(tmp_path / "o"), "--model_dir", str(base),
+                                            *POINTS, "--stop_after", "0"])
+    s = study.Study(args, LAYERS)
+    run = study.Run("plain", 0, 1e-4, 0)
+    (tmp_path / "o" / "runs" / run.name / "final").mkdir(parents=True)  # trained before the deadline passed
+    assert s.train_and_score(run)["loss"]["val"] == 2.0
+    with pytest.raises(study.Paused):  # but nothing new starts
+        s.train_and_score(study.Run("plain", 0, 3e-4, 0))

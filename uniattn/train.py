@@ -445,13 +445,13 @@ def _check_init_tensors(tensors: dict, config, script) -> None:
 
 
 def _check_lengths(records, tokenizer, script, probe: int = 64) -> None:
-    """Refuse a max_length that cuts every response away (the loss would be empty); warn when it cuts many."""
+    """Refuse a max_length that cuts every response away (the loss would be empty); report any record it empties."""
     sample = records[:probe]
     empty = sum(all(l == IGNORE_INDEX for l in tokenize(r, tokenizer, script.max_length).labels) for r in sample)
     if empty == len(sample):
         raise UsageError(f"--max_length {script.max_length} leaves no response token in the first {len(sample)} "
                          f"records of {script.data} (the prompts are longer); raise it (the seed uses 1024)")
-    if empty > len(sample) // 4:
+    if empty:
         logger.warning("--max_length %d cuts the whole response of %d of the first %d records; they add no loss",
                        script.max_length, empty, len(sample))
 

@@ -24,7 +24,9 @@ Arms at each frontier point, a UniAttn layout with F followers (``--frontier``):
 * ``uniattn_kl``: stage 1 as distillation from the base model (KL), equal steps;
 * ``uniattn_kl_vo``: the same, stage 1 also training the followers' V / O projections;
 * ``uniattn_ridge``: equal steps from an init whose ridge init calc chose on held-out error
-  (``--ridge auto``), the "init that survives training" candidate;
+  (``--ridge auto``, init calc's default since the study measured it);
+* ``uniattn_short``: that init with a short stage 1 (a tenth of the steps and records): the
+  study found stage 1's steps worth less than the full fine-tuning they replace;
 * ``cla`` and ``drop``: cross-layer KV sharing and layer dropping on a layout with
   F / 2 followers, which saves the same KV bytes (each of their followers drops K
   and V, a UniAttn follower only K).
@@ -33,8 +35,10 @@ Arms at each frontier point, a UniAttn layout with F followers (``--frontier``):
 ``--grid_arms`` search their own rate at the main point (``--main``); the
 ablations take uniattn's rate and the other frontier points each arm's rate from
 the main point. Runs go ``--jobs`` at a time (a 135M model leaves a GPU mostly
-idle, so several share one). Every result is cached under ``--out``: rerunning
-the command resumes, and ``--stop_after`` pauses cleanly (exit 3).
+idle, so several share one), spread round-robin over ``--gpus`` (default: every
+visible GPU). Each arm goes on as soon as its own rate is chosen, so one arm's
+search never holds up another arm's seeds. Every result is cached under
+``--out``: rerunning the command resumes, and ``--stop_after`` pauses cleanly (exit 3).
 """
 
 from __future__ import annotations
@@ -42,11 +46,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import queue
 import shutil
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +68,11 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 ARMS = ("base", "plain", "softmax", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo",
-        "uniattn_ridge", "cla", "drop")
+        "uniattn_ridge", "uniattn_short", "cla", "drop")
 HALF_LAYOUT_ARMS = ("cla", "drop")  # their followers drop K and V: half as many save the same bytes
-INIT_ARMS = ("uniattn", "uniattn_seed", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge")
-RIDGE_AUTO_ARMS = ("uniattn_ridge",)  # init calc with the ridge chosen on held-out error (--ridge auto)
+INIT_ARMS = ("uniattn", "uniattn_seed", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge", "uniattn_short")
+RIDGE_AUTO_ARMS = ("uniattn_ridge", "uniattn_short")
+SHORT_STAGE1_SHARE = 0.1  # init calc with the ridge chosen on held-out error (--ridge auto)
 POOL_FILES = ("train.jsonl", "val_domain.jsonl", "val_general.jsonl", "heldout_domain.jsonl", "heldout_general.jsonl")
 
 
@@ -80,6 +88,7 @@ def arm_flags(arm: str, init: Path | None, share: float) -> list[str]:
         "uniattn_kl_vo": ["--mode", "uniattn", "--init_path", str(init), "--stage1_objective", "kl",
                           "--stage1_trainable", "compensation_vo", *equal],
         "uniattn_ridge": ["--mode", "uniattn", "--init_path", str(init), *equal],
+        "uniattn_short": ["--mode", "uniattn", "--init_path", str(init), "--stage1_share", f"{SHORT_STAGE1_SHARE:g}"],
         "cla": ["--mode", "cla"],
         "drop": ["--mode", "drop"],
     }[arm]
@@ -101,6 +110,31 @@ class Run:
 
 class NotDone(Exception):
     """``--collect``: this step has no cached result and is not run."""
+
+
+class Slots:
+    """``jobs`` places to run in, dealt round-robin over ``gpus``; a place is an environment for the child."""
+
+    def __init__(self, jobs: int, gpus: list[str]):
+        self.free: queue.Queue = queue.Queue()
+        for i in range(jobs):
+            self.free.put({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {})
+
+    @contextmanager
+    def take(self):
+        env = self.free.get()
+        try:
+            yield env
+        finally:
+            self.free.put(env)
+
+
+def visible_gpus() -> list[str]:
+    """The physical ids a child may be given: CUDA_VISIBLE_DEVICES's entries if set, else every device."""
+    if not torch.cuda.is_available():
+        return []
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed or [str(i) for i in range(torch.cuda.device_count())]
 
 
 def parse_points(items: list[str], layers: int) -> dict[int, tuple[int, int, int]]:
@@ -143,11 +177,20 @@ class Study:
         self.deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
         self.lock = threading.Lock()
         self.failed: list[str] = []
+        self.slots = Slots(args.jobs, args.gpus if args.gpus is not None else visible_gpus())
+        self.workers = ThreadPoolExecutor(max_workers=args.jobs)
+        self.init_locks: dict[Path, threading.Lock] = {}
+        self.chosen: dict[str, float] = {}
+        self.decided: dict[str, threading.Event] = {}
+        self.search_results: dict[str, dict] = {}
+        self.validation: dict[str, dict] = {}
 
-    def _may_start(self, what: str) -> None:
+    def _may_start(self, what: str, finishing: bool = False) -> None:
+        """Raise unless ``what`` may run now. ``finishing``: the last step of a run already trained (its
+        scoring), which --stop_after lets through, so that no trained model is left unscored."""
         if self.args.collect:
             raise NotDone(what)
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if not finishing and self.deadline is not None and time.monotonic() > self.deadline:
             raise Paused(f"--stop_after {self.args.stop_after:g} s reached before {what}")
 
     def layout_of(self, arm: str, followers: int, layout=None) -> tuple[int, int, int] | None:
@@ -158,39 +201,53 @@ class Study:
         return self.points[followers // 2 if arm in HALF_LAYOUT_ARMS else followers]
 
     # ------------------------------------------------------------ steps
-    def init_calc(self, followers: int, layout=None, ridge_auto: bool = False) -> Path:
+    def init_calc(self, followers: int, layout=None, ridge_auto: bool = False, env: dict | None = None) -> Path:
+        """The init file of a layout (cached). ``env``: the slot the caller holds, else one is taken."""
         g, b, e = layout or self.points[followers]
         path = self.out / "init" / f"init_{g}_{b}_{e}{'_ridgeauto' if ridge_auto else ''}.safetensors"
-        if not path.exists():
-            self._may_start(f"init calc {g} {b} {e}")
-            cmd = [self.py, "-m", "uniattn.init_calc", "--model_dir", self.args.model_dir,
-                   "--data", str(self.pool / "train.jsonl"), "--include_eval_items", "--superblock", str(g), str(b), str(e),
-                   "--output", str(path), "--num_samples", str(self.args.init_samples),
-                   "--max_length", str(self.args.max_length)] + (["--ridge", "auto"] if ridge_auto else [])
-            seconds = run_logged(cmd, self.out / "logs" / f"{path.stem}.log")
-            write_json(path.with_suffix(".timing.json"), {"seconds": round(seconds, 1)})
+        with self.lock:
+            lock = self.init_locks.setdefault(path, threading.Lock())
+        with lock:  # runs of one layout wait for a single init calc instead of each computing it
+            if not path.exists():
+                self._may_start(f"init calc {g} {b} {e}")
+                if env is None:
+                    with self.slots.take() as slot:
+                        self._compute_init(path, (g, b, e), ridge_auto, slot)
+                else:
+                    self._compute_init(path, (g, b, e), ridge_auto, env)
         return path
 
-    def _maybe_init(self, followers: int, layout=None, ridge_auto: bool = False) -> None:
-        try:
-            self.init_calc(followers, layout, ridge_auto)
-        except NotDone:
-            pass
+    def _compute_init(self, path: Path, layout: tuple, ridge_auto: bool, env: dict) -> None:
+        g, b, e = layout
+        cmd = [self.py, "-m", "uniattn.init_calc", "--model_dir", self.args.model_dir,
+               "--data", str(self.pool / "train.jsonl"), "--include_eval_items", "--superblock", str(g), str(b), str(e),
+               "--output", str(path), "--num_samples", str(self.args.init_samples),
+               # the seed's fixed ridge unless asked: the arms keep the recipe they were measured with
+               "--max_length", str(self.args.max_length), "--ridge", "auto" if ridge_auto else "0.0001"]
+        seconds = run_logged(cmd, self.out / "logs" / f"{path.stem}.log", env)
+        write_json(path.with_suffix(".timing.json"), {"seconds": round(seconds, 1)})
 
     def train_and_score(self, run: Run) -> dict:
-        """Train ``run`` (cached) and score it on validation and held-out records (cached)."""
-        folder = self.out / "runs" / run.name
-        scores = folder / "scores.json"
+        """Train ``run`` (cached) and score it on validation and held-out records (cached), in one slot."""
+        scores = self.out / "runs" / run.name / "scores.json"
         if scores.exists():
             return json.loads(scores.read_text())
+        with self.slots.take() as env:
+            return self._train_and_score(run, env)
+
+    def _train_and_score(self, run: Run, env: dict) -> dict:
+        folder = self.out / "runs" / run.name
+        scores = folder / "scores.json"
         final = folder / "final"
         if not final.is_dir():
             self._may_start(f"training {run.name}")
-            init = (self.init_calc(run.followers, run.layout, run.arm in RIDGE_AUTO_ARMS)
+            init = (self.init_calc(run.followers, run.layout, run.arm in RIDGE_AUTO_ARMS, env)
                     if run.arm in INIT_ARMS else None)
             launcher = ([self.py, "-m", "uniattn.train", "--deepspeed", ""] if self.args.launcher == "python" else
-                        [self.py, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port",
-                         str(free_port()), "--module", "uniattn.train"])
+                        [self.py, "-m", "deepspeed.launcher.runner",
+                         # the launcher takes the slot's CUDA_VISIBLE_DEVICES as its --include when no count is given
+                         *([] if env.get("CUDA_VISIBLE_DEVICES") else ["--num_gpus", "1"]),
+                         "--master_port", str(free_port()), "--module", "uniattn.train"])
             cmd = [*launcher, *arm_flags(run.arm, init, self.args.stage1_share), "--model_dir", self.args.model_dir,
                    "--data", str(self.pool / "train.jsonl"), "--include_eval_items", "--output_dir", str(folder),
                    "--seed", str(run.seed), "--learning_rate", f"{run.lr:g}", "--max_steps", str(self.args.steps),
@@ -204,12 +261,12 @@ class Study:
             logger.info("training %s", run.name)
             # Several runs share a GPU: expandable segments keep the allocator from fragmenting it.
             seconds = run_logged(cmd, self.out / "logs" / f"{run.name}.log",
-                                 {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+                                 {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **env})
             write_json(folder / "timing.json", {"seconds": round(seconds, 1)})
             for ckpt in [*folder.glob("checkpoint-*"), *folder.glob("stage*/checkpoint-*")]:
                 shutil.rmtree(ckpt)  # resumability is only needed while the run is unfinished
         result = {"run": run.__dict__, "layout": self.layout_of(run.arm, run.followers, run.layout),
-                  **self.score(final, f"{run.name}"), "train": _train_info(folder),
+                  **self.score(final, f"{run.name}", env), "train": _train_info(folder),
                   "device": device_name(), "versions": versions()}
         write_json(scores, result)
         if not self.args.keep_models:
@@ -225,14 +282,14 @@ class Study:
             return []
         return ["--bf16", "False"] + (["--tf32", "True"] if torch.cuda.is_available() else [])
 
-    def score(self, model: Path, tag: str) -> dict:
+    def score(self, model: Path, tag: str, env: dict | None = None) -> dict:
         files = [str(self.pool / f) for f in POOL_FILES[1:]]
         out = self.out / "scores" / f"{tag}.json"
         if not out.exists():
-            self._may_start(f"scoring {tag}")
+            self._may_start(f"scoring {tag}", finishing=True)
             cmd = [self.py, "-m", "uniattn.loss_eval", str(model), "--data", *files, "--limit", "0",
                    "--max-length", str(self.args.max_length), "--batch-size", "16", "--json", str(out), "--with_kv"]
-            run_logged(cmd, self.out / "logs" / f"score_{tag}.log")
+            run_logged(cmd, self.out / "logs" / f"score_{tag}.log", env)
         raw = json.loads(out.read_text())[str(model)]
         losses = {Path(f).stem: raw[f]["loss"] for f in files}
         losses["val"] = (losses["val_domain"] + losses["val_general"]) / 2
@@ -240,9 +297,9 @@ class Study:
 
     # ------------------------------------------------------------ the whole study
     def parallel(self, runs: list[Run]) -> dict[Run, dict]:
-        with ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
-            futures = {run: pool.submit(self._maybe, run) for run in runs}
-            done = {run: f.result() for run, f in futures.items()}
+        """Run ``runs`` in the shared slots; the finished ones' results (a failed or uncached run is left out)."""
+        futures = {run: self.workers.submit(self._maybe, run) for run in runs}
+        done = {run: f.result() for run, f in futures.items()}
         return {run: res for run, res in done.items() if res is not None}
 
     def _maybe(self, run: Run) -> dict | None:
@@ -256,34 +313,57 @@ class Study:
                 self.failed.append(run.name)
             return None
 
-    def search(self, arms: list[str]) -> tuple[dict, dict]:
-        """Each arm's rate at the main point: the grid, widened until the chosen rate is interior."""
+    def search(self, arm: str) -> float | None:
+        """``arm``'s rate at the main point: the grid, widened until the chosen rate is interior."""
         seed, main = self.args.seeds[0], self.args.main
-        grid = {arm: sorted(self.args.lrs) for arm in arms}
-        factor = sorted(self.args.lrs)[1] / sorted(self.args.lrs)[0] if len(self.args.lrs) > 1 else 3.0
-        tried: dict[str, dict[float, float]] = {arm: {} for arm in arms}
-        self.search_results = {}
+        lrs = sorted(self.args.lrs)
+        grid, factor = list(lrs), (lrs[1] / lrs[0] if len(lrs) > 1 else 3.0)
+        tried: dict[float, float] = {}
         for _ in range(self.args.max_widen + 1):
-            todo = [Run(a, 0 if a == "plain" else main, lr, seed) for a in arms for lr in grid[a] if lr not in tried[a]]
+            todo = [Run(arm, 0 if arm == "plain" else main, lr, seed) for lr in grid if lr not in tried]
             for run, res in self.parallel(todo).items():
-                tried[run.arm][run.lr] = res["loss"]["val"]
-                self.search_results[run.name] = res
-            widened = False
-            for arm in arms:
-                lrs = sorted(tried[arm])
-                if not lrs:  # --collect before any of its runs finished
-                    continue
-                best = min(lrs, key=tried[arm].get)
-                if len(lrs) > 1 and best == lrs[0]:
-                    grid[arm] = lrs + [float(f"{best / factor:.3g}")]
-                    widened = True
-                elif len(lrs) > 1 and best == lrs[-1]:
-                    grid[arm] = lrs + [float(f"{best * factor:.3g}")]
-                    widened = True
-            if not widened:
+                tried[run.lr] = res["loss"]["val"]
+                with self.lock:
+                    self.search_results[run.name] = res
+            if len(tried) < 2:  # one rate (or none: --collect before any of its runs finished) has no edge
                 break
-        chosen = {arm: min(tried[arm], key=tried[arm].get) for arm in arms if tried[arm]}
-        return chosen, {arm: {f"{lr:g}": round(v, 4) for lr, v in sorted(tried[arm].items())} for arm in arms}
+            done, best = sorted(tried), min(tried, key=tried.get)
+            if best not in (done[0], done[-1]):
+                break
+            grid = done + [float(f"{best / factor if best == done[0] else best * factor:.3g}")]
+        with self.lock:
+            self.validation[arm] = {f"{lr:g}": round(v, 4) for lr, v in sorted(tried.items())}
+        return min(tried, key=tried.get) if tried else None
+
+    def rate(self, arm: str, grid_arms: list[str]) -> float | None:
+        """The rate ``arm`` trains at: fixed by --lr_for, searched, or (ablations) uniattn's once it is chosen."""
+        if arm in self.args.lr_for:
+            return self.args.lr_for[arm]
+        if arm in grid_arms:
+            return self.search(arm)
+        if "uniattn" in grid_arms:
+            self.decided["uniattn"].wait()
+            return self.chosen.get("uniattn")
+        return self.args.lr_for.get("uniattn", self.args.lrs[len(self.args.lrs) // 2])
+
+    def drive(self, arm: str, grid_arms: list[str]) -> dict[str, dict]:
+        """One arm from start to end: its rate, then its seeds at every frontier point it runs at."""
+        args = self.args
+        try:
+            lr = self.rate(arm, grid_arms)
+            with self.lock:
+                if lr is not None:
+                    self.chosen[arm] = lr
+        finally:
+            self.decided[arm].set()
+        if lr is None:  # --collect before its search finished
+            logger.warning("no learning rate chosen yet for %s; leaving it out", arm)
+            return {}
+        points = [args.main] if arm == "plain" or arm not in args.frontier_arms else args.frontier
+        runs = [Run(arm, 0 if arm == "plain" else f, lr, seed) for seed in args.seeds for f in points]
+        if arm == "uniattn":  # the advisor's check: other layouts, first seed
+            runs += [Run(arm, args.main, lr, args.seeds[0], tuple(l)) for l in args.alt_layouts]
+        return {run.name: res for run, res in self.parallel(runs).items()}
 
     def seed_cache(self, results_file: Path) -> int:
         """Put the runs of an earlier results.json into this study's cache, so they are not trained again
@@ -305,44 +385,26 @@ class Study:
         args = self.args
         if args.seed_from:
             logger.info("%d finished runs taken from %s", self.seed_cache(args.seed_from), args.seed_from)
-        grid_arms = [a for a in args.arms if a in args.grid_arms and a != "base"]
-        if set(INIT_ARMS) & set(args.arms):
-            for f in args.frontier:  # before the parallel runs, so no two of them compute one init
-                self._maybe_init(f)
-                if set(RIDGE_AUTO_ARMS) & set(args.arms) and (f == args.main or set(RIDGE_AUTO_ARMS) & set(args.frontier_arms)):
-                    self._maybe_init(f, ridge_auto=True)
-            for layout in args.alt_layouts:
-                self._maybe_init(args.main, layout)
-        chosen, validation = self.search(grid_arms)
-        for arm in args.arms:
-            if arm not in ("base", *grid_arms):
-                chosen[arm] = chosen.get("uniattn", args.lrs[len(args.lrs) // 2])
-        chosen.update(args.lr_for)
-        missing = [a for a in args.arms if a != "base" and a not in chosen]
-        if missing:  # --collect before their search finished
-            logger.warning("no learning rate chosen yet for %s; leaving them out", missing)
-        runs = []
-        for seed in args.seeds:
-            for f in args.frontier:
-                for arm in args.arms:
-                    if arm == "base" or (arm == "plain" and f != args.main):
-                        continue
-                    if arm not in args.frontier_arms and f != args.main:
-                        continue
-                    if arm in chosen:
-                        runs.append(Run(arm, 0 if arm == "plain" else f, chosen[arm], seed))
-        if "uniattn" in chosen:  # the advisor's check: other layouts, first seed
-            runs += [Run("uniattn", args.main, chosen["uniattn"], args.seeds[0], tuple(l)) for l in args.alt_layouts]
+        arms = [a for a in args.arms if a != "base"]
+        grid_arms = [a for a in arms if a in args.grid_arms and a not in args.lr_for]
+        self.decided = {arm: threading.Event() for arm in arms}
+        # One driver per arm, so an arm whose rate is known trains its seeds while another still searches.
+        with ThreadPoolExecutor(max_workers=max(1, len(arms))) as drivers:
+            results = {}
+            for done in [f.result() for f in [drivers.submit(self.drive, arm, grid_arms) for arm in arms]]:
+                results.update(done)
+        self.workers.shutdown()
         # Every run, the learning-rate search's too, so that --seed_from can resume from this file alone;
         # the report keeps each arm's chosen rate.
-        results = {**self.search_results, **{run.name: res for run, res in self.parallel(runs).items()}}
+        results = {**self.search_results, **results}
         if "base" in args.arms and not (args.collect and not (self.out / "scores" / "base.json").exists()):
-            results["base"] = {"run": {"arm": "base", "followers": 0, "lr": 0, "seed": None, "layout": None}, "layout": None,
-                               **self.score(Path(args.model_dir), "base"), "train": {}}
+            with self.slots.take() as env:
+                results["base"] = {"run": {"arm": "base", "followers": 0, "lr": 0, "seed": None, "layout": None},
+                                   "layout": None, **self.score(Path(args.model_dir), "base", env), "train": {}}
         summary = {
             "pool": str(self.pool), "pool_manifest": _manifest(self.pool), "model_dir": args.model_dir,
             "points": {str(k): v for k, v in self.points.items()}, "frontier": args.frontier, "main": args.main,
-            "seeds": args.seeds, "lr_grid": args.lrs, "chosen_lr": chosen, "validation_loss": validation,
+            "seeds": args.seeds, "lr_grid": args.lrs, "chosen_lr": self.chosen, "validation_loss": self.validation,
             "steps": args.steps, "batch": args.batch, "max_length": args.max_length, "stage1_share": args.stage1_share,
             "launcher": args.launcher, "train_args": args.train_args, "init_samples": args.init_samples,
             "results": results, "failed": sorted(self.failed), "versions": versions(), "device": device_name(),
@@ -416,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at a time on one GPU. SmolLM2 at batch 8 x 512 tokens takes up to ~11.5 GiB a run in "
                         "fp32: 15 at once ran out of memory on an H200, and the 10 that ran made only ~1.7 steps/s each "
                         "(time-slicing), so prefer a few (2-4); docs/results.md")
+    p.add_argument("--gpus", nargs="*", metavar="ID",
+                   help="GPU ids the --jobs slots are dealt over, round-robin (default: every visible GPU)")
     p.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
                    help="python: one plain Trainer process per run; deepspeed: the launcher with ZeRO-2")
     p.add_argument("--keep_models", action="store_true", help="keep every trained model (default: scores only)")

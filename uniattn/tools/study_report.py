@@ -28,6 +28,7 @@ LABELS = {
     "uniattn_wc0": "UniAttn from W_c = 0 (equal steps)", "uniattn_kl": "UniAttn, stage 1 = KL distillation",
     "uniattn_kl_vo": "UniAttn, stage 1 = KL distillation of W_c + follower V/O",
     "uniattn_ridge": "UniAttn, init ridge chosen on held-out error",
+    "uniattn_short": "UniAttn, held-out ridge + stage 1 on 10% of the steps",
     "cla": "CLA (F/2 followers)", "drop": "layer drop (F/2 followers)",
 }
 SETS = ("heldout_domain", "heldout_general")
@@ -115,11 +116,11 @@ def main_table(data: dict, groups: dict, base_kv: int) -> list[str]:
     main = data["main"]
     lines = [f"| arm | layout | KV saving | lr | {' | '.join(f'held-out {s[8:]}' for s in SETS)} | "
              f"{' | '.join(f'{s[8:]} vs plain (paired)' for s in SETS)} | {' | '.join(f'{s[8:]} vs UniAttn (paired)' for s in SETS)} |",
-             "|---" * 11 + "|"]
+             "|---" * 10 + "|"]
     plain = groups.get(("plain", 0), {})
     uni = groups.get(("uniattn", main), {})
     order = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge",
-             "softmax", "cla", "drop"]
+             "uniattn_short", "softmax", "cla", "drop"]
     for arm in order:
         seeds = groups.get((arm, 0 if arm in ("plain", "base") else main))
         if not seeds:
@@ -158,12 +159,40 @@ def verdicts(data: dict, groups: dict) -> list[str]:
                 d = paired(uni, other, s)
                 if d:
                     m = statistics.mean(d)
-                    if len(d) < 2:
-                        verdict = "UniAttn lower (one seed, no spread)" if m < 0 else "UniAttn HIGHER (one seed, no spread)"
-                    else:
-                        verdict = ("better by more than the spread" if m + _sd(d) < 0 else
-                                   "NOT better by more than the spread")
-                    out.append(f"  - vs {arm}: paired {m:+.3f} ± {_sd(d):.3f} (n={len(d)}): {verdict}")
+                    out.append(f"  - vs {arm}: paired {m:+.3f} ± {_sd(d):.3f} (n={len(d)}): UniAttn {_compare(d)}")
+    return out
+
+
+def _compare(d: list[float]) -> str:
+    """How a paired difference (this - other, lower is better) reads against its own spread."""
+    m = statistics.mean(d)
+    if len(d) < 2:
+        return f"{'lower' if m < 0 else 'HIGHER'} (one seed, no spread)"
+    if m + _sd(d) < 0:
+        return "better by more than the spread"
+    if m - _sd(d) > 0:
+        return "WORSE by more than the spread"
+    return "no difference beyond the spread"
+
+
+def ablation_verdicts(data: dict, groups: dict) -> list[str]:
+    """Each UniAttn variant at the main point against UniAttn's recipe, paired by seed, and against
+    UniAttn's own seed-to-seed sd: the rule for a new default is a gain larger than that sd."""
+    main, out = data["main"], []
+    uni = groups.get(("uniattn", main), {})
+    for arm in LABELS:
+        other = groups.get((arm, main), {})
+        if not arm.startswith("uniattn_") or not other or not uni:
+            continue
+        for s in SETS:
+            d = paired(other, uni, s)
+            if not d:
+                continue
+            m, sd = statistics.mean(d), _sd([r["loss"][s] for r in uni.values()])
+            beats = len(d) > 1 and m + _sd(d) < 0 and -m > sd
+            out.append(f"- {LABELS[arm]}, {s}: paired vs UniAttn {m:+.3f} ± {_sd(d):.3f} (n={len(d)}), "
+                       f"{_compare(d)}; UniAttn's seed sd {sd:.3f}: "
+                       f"{'WINS by more than the seed spread' if beats else 'no win beyond the seed spread'}")
     return out
 
 
@@ -192,8 +221,8 @@ def plot(data: dict, groups: dict, base_kv: int, png: Path) -> None:
             m, sd = statistics.mean(plain), _sd(plain)
             ax.axhspan(m - sd, m + sd, color="grey", alpha=0.25, label="plain FT (mean ± sd)")
             ax.axhline(m, color="grey", lw=1)
-        for arm in ("uniattn", "softmax", "cla", "drop", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge", "uniattn_wc0",
-                    "uniattn_seed"):
+        for arm in ("uniattn", "softmax", "cla", "drop", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge", "uniattn_short",
+                    "uniattn_wc0", "uniattn_seed"):
             pts = sorted((kv_saving(next(iter(v.values())), base_kv), [r["loss"][s] for r in v.values()])
                          for (a, f), v in groups.items() if a == arm)
             if not pts:
@@ -230,6 +259,8 @@ def render(data: dict, advisor: dict | None = None) -> str:
              f"({json.dumps(data['versions'])}).", "",
              f"### Main point: UniAttn with {data['main']} followers", "", *main_table(data, groups, base_kv), "",
              "### Verdicts", "", *verdicts(data, groups), "",
+             f"### Stage-1 and init variants against UniAttn's recipe ({data['main']} followers)", "",
+             *(ablation_verdicts(data, groups) or ["(none measured)"]), "",
              "### Frontier", "", *frontier_table(data, groups, base_kv), "",
              "### Learning-rate search (seed %s, mean validation loss of the domain and general slices)" % data["seeds"][0], "",
              "| arm | " + " | ".join(["validation loss by lr"]) + " | chosen |", "|---|---|---|"]
