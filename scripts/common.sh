@@ -16,10 +16,16 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=python3; fi
 fi
+# A fresh clone has no .venv: say the one command that makes it instead of failing on an import.
+if ! "$PY" -c "import torch, transformers, accelerate" 2>/dev/null; then
+  echo "$(basename "$0"): error: $PY cannot import torch, transformers and accelerate; set up the environment" \
+       "with: bash scripts/setup_env.sh train   (or set PYTHON to an interpreter that has requirements.txt)" >&2
+  exit 2
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ -z "${MODEL_DIR:-}" ]; then
-  MODEL_DIR=$("$PY" -m uniattn.smollm2 | tail -n 1)
+  MODEL_DIR=$("$PY" -m uniattn.tools.smollm2 | tail -n 1)
 fi
 DATA_DIR=${DATA_DIR:-$ROOT/dataset/pmc_llama_instructions_1000.json}
 if [ -d "$DATA_DIR" ]; then

@@ -11,7 +11,7 @@
 #   DATA_DIR    PMC-LLaMA records, JSON/JSONL (default: dataset/pmc_llama_instructions_1000.json)
 #   OUTPUT_DIR  default outputs/experiment_pmc_<size>
 #   SUPERBLOCK  default "4 14 30"
-#   EXTRA_ARGS  more uniattn.experiment flags, e.g. "--seeds 0 1 2" or "--lrs 5e-5 1e-4"
+#   EXTRA_ARGS  more uniattn.tools.experiment flags, e.g. "--seeds 0 1 2" or "--lrs 5e-5 1e-4"
 #
 # Rerunning the same command resumes: finished runs and evaluations are kept. At the end the table
 # and plot are written to OUTPUT_DIR/results.md and results.png (docs/results.md is made from them).
@@ -25,6 +25,6 @@ SIZE="${SIZE:-cpu}"
 OUTPUT_DIR="${OUTPUT_DIR:-$ROOT/outputs/experiment_pmc_$SIZE}"
 read -r -a superblock <<< "${SUPERBLOCK:-4 14 30}"
 read -r -a extra <<< "${EXTRA_ARGS:-}"
-"$PY" -m uniattn.experiment --size "$SIZE" --out "$OUTPUT_DIR" --model_dir "$MODEL_DIR" --data "$DATA_DIR" \
+"$PY" -m uniattn.tools.experiment --size "$SIZE" --out "$OUTPUT_DIR" --model_dir "$MODEL_DIR" --data "$DATA_DIR" \
   --superblock "${superblock[@]}" "${extra[@]}"
-"$PY" -m uniattn.experiment_report "$OUTPUT_DIR/results.json" --out-dir "$OUTPUT_DIR"
+"$PY" -m uniattn.tools.experiment_report "$OUTPUT_DIR/results.json" --out-dir "$OUTPUT_DIR"

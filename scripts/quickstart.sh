@@ -11,7 +11,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 start=$(date +%s)
-bash scripts/setup_env.sh
+bash scripts/setup_env.sh train   # the quick start needs no evaluation or test extras
 source scripts/common.sh
 OUT=${OUTPUT_DIR:-$ROOT/outputs/quickstart}
 LAYOUT=(4 14 30)
@@ -38,10 +38,10 @@ for stage in ("stage1/final", "final"):
 PY
 echo
 echo "held-out loss (16 evaluation-split PMC-LLaMA items, response tokens):"
-"$PY" -m uniattn.loss_eval "$MODEL_DIR" "$OUT/no_compensation" "$OUT/init_model" "$OUT/train/final" \
+"$PY" -m uniattn.tools.loss_eval "$MODEL_DIR" "$OUT/no_compensation" "$OUT/init_model" "$OUT/train/final" \
   --data "$DATA" --split eval --limit 16 --max-length 256 2>/dev/null
 echo
-"$PY" -m uniattn.kv_report "$MODEL_DIR" "$OUT/train/final" 2>/dev/null
+"$PY" -m uniattn.tools.kv_report "$MODEL_DIR" "$OUT/train/final" 2>/dev/null
 echo
 echo "checkpoint: $OUT/train/final   (quick start took $(( $(date +%s) - start )) s)"
 echo "evaluate:   bash scripts/eval.sh $OUT/train/final"

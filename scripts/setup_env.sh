@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment on a CPU machine.
-# Sourced by scripts/test.sh and scripts/quickstart.sh; VENV overrides the location.
+#   bash scripts/setup_env.sh [train] [eval] [test]     # no argument: all three
+# train: uniattn.train through DeepSpeed and the seed's scripts (the quick start needs only this);
+# eval:  lm-eval, datasets and plotting for scripts/eval.sh (which installs it on first use);
+# test:  pytest and the exact versions the test suite runs on.
+# Run by scripts/test.sh (all), scripts/quickstart.sh (train) and scripts/eval.sh (eval); VENV overrides
+# the location. A rerun with the same extras is a quick no-op check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${VENV:-.venv}
+extras=("$@")
+[ ${#extras[@]} -eq 0 ] && extras=(train eval test)
+reqs=()
+for e in "${extras[@]}"; do
+  case "$e" in
+    train|eval|test) reqs+=(-r "requirements-$e.txt") ;;
+    *) echo "setup_env.sh: error: unknown extra '$e'; pass any of: train eval test (none: all)" >&2; exit 2 ;;
+  esac
+done
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build. Every later install
+# names the pins again, so pip can never move them.
 "$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -r requirements-test.txt -r requirements-eval.txt -r requirements-train.txt -e .
+"$VENV/bin/python" -m pip install -q "${reqs[@]}" torch==2.13.0 transformers==5.17.0 -e .

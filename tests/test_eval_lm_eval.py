@@ -129,7 +129,7 @@ def save_tiny_llama(out: Path, layers: int = 4) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from uniattn.smollm2 import ensure_smollm2
+    from uniattn.tools.smollm2 import ensure_smollm2
 
     smollm2 = ensure_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(smollm2)

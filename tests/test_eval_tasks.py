@@ -146,7 +146,7 @@ _PINNED = [  # record, eval_score (split.SPLIT_SALT), experiment validation (VAL
 @pytest.mark.parametrize("record,split,val,ridge", _PINNED)
 def test_salted_splits_are_pinned(record, split, val, ridge):
     from uniattn.eval.split import SPLIT_SALT, hash_fraction
-    from uniattn.experiment import VAL_SALT, is_validation
+    from uniattn.tools.experiment import VAL_SALT, is_validation
     from uniattn.init_calc import holdout_score
 
     assert eval_score(record) == split == hash_fraction(split_key(record), SPLIT_SALT)
@@ -163,7 +163,7 @@ def test_pool_scores_are_pinned():
 
 
 def test_splits_of_the_shipped_pmc_sample_are_pinned():
-    from uniattn.experiment import is_validation
+    from uniattn.tools.experiment import is_validation
     from uniattn.init_calc import holdout_score
 
     records = json.loads((REPO / "dataset" / "pmc_llama_instructions_1000.json").read_text())  # the shipped sample

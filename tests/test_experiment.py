@@ -1,4 +1,4 @@
-"""The comparison recipe (uniattn.experiment) end to end on a tiny model: runs, resumes, reports."""
+"""The comparison recipe (uniattn.tools.experiment) end to end on a tiny model: runs, resumes, reports."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 from train_helpers import make_checkpoint
 
-from uniattn.experiment import main as experiment_main
-from uniattn.experiment_report import main as report_main
+from uniattn.tools.experiment import main as experiment_main
+from uniattn.tools.experiment_report import main as report_main
 
 TINY = ["--superblock", "2", "1", "6", "--seeds", "0", "--lrs", "1e-3", "--skip_lm_eval",
         "--train_args", "--max_steps", "1", "--max_length", "256", "--save_steps", "1"]

@@ -118,7 +118,7 @@ def tiny_base(tmp_path_factory):
     """A tiny random LLaMA checkpoint with the real SmolLM2 tokenizer (vocab folded to the tiny size)."""
     from transformers import AutoTokenizer
 
-    from uniattn.smollm2 import ensure_smollm2
+    from uniattn.tools.smollm2 import ensure_smollm2
 
     path = tmp_path_factory.mktemp("tiny") / "base"
     stock, _ = make_pair("llama", seed=33)

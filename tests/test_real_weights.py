@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from uniattn.convert import load_converted
 from uniattn.data import default_data_file, load_records
 from uniattn.init_calc import make_batches, propagate
-from uniattn.loss_eval import response_loss
-from uniattn.smollm2 import ensure_smollm2
+from uniattn.tools.loss_eval import response_loss
+from uniattn.tools.smollm2 import ensure_smollm2
 
 LAYOUT = (4, 14, 30)
 

@@ -184,7 +184,7 @@ def test_stop_after_still_scores_a_trained_model(base, pool, tmp_path, monkeypat
     import uniattn.tools.study as study
 
     def fake_score(cmd, log, env=None):
-        model = cmd[cmd.index("uniattn.loss_eval") + 1]
+        model = cmd[cmd.index("uniattn.tools.loss_eval") + 1]
         files = cmd[cmd.index("--data") + 1:cmd.index("--limit")]
         out = Path(cmd[cmd.index("--json") + 1])
         out.parent.mkdir(parents=True, exist_ok=True)

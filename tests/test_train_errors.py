@@ -8,9 +8,10 @@ shell script and the DeepSpeed launcher to pin the exit code users see.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
-from train_helpers import LAYOUT, fails, make_checkpoint, make_init, run_script, write_data
+from train_helpers import LAYOUT, REPO, fails, make_checkpoint, make_init, run_script, write_data
 
 from uniattn.train import main as train_main
 
@@ -156,3 +157,34 @@ def test_scripts_reject_negative_or_fractional_layout_numbers(tmp_path, script, 
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"{script}: error: {name} must be a non-negative integer, got '{value}'" in proc.stderr
     assert not out.exists()
+
+
+def test_a_trainer_callback_that_is_not_one_is_named(tmp_path, capsys):
+    from train_helpers import make_checkpoint, write_data
+
+    from uniattn.train import main as train_main
+
+    base = make_checkpoint(tmp_path / "base")
+    data = write_data(tmp_path / "data.json")
+    common = ["--mode", "plain", "--model_dir", str(base), "--data", str(data), "--output_dir", str(tmp_path / "o"),
+              "--check_only", "--max_length", "256"]
+    assert train_main(common + ["--trainer_callback", "json:dumps"]) == 2
+    assert "not MODULE:NAME of a transformers TrainerCallback" in capsys.readouterr().err
+    assert train_main(common + ["--trainer_callback", "no_such_module_x:Cb"]) == 2
+    assert "no_such_module_x" in capsys.readouterr().err
+    assert train_main(common + ["--trainer_callback", "transformers:PrinterCallback"]) == 0
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("script, args", [("train_deepspeed-init_calc.sh", ["2", "1", "5", "6"]),
+                                          ("train_deepspeed-ft.sh", [])])
+def test_seed_script_without_an_environment_names_the_setup_command(tmp_path, script, args):
+    import subprocess
+    import sys
+
+    bare = tmp_path / "bare"  # an interpreter with nothing installed, as on a fresh clone without .venv
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / script), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(bare / "bin" / "python"), "OUTPUT_DIR": str(tmp_path / "o")})
+    assert proc.returncode == 2, proc.stderr
+    assert "bash scripts/setup_env.sh train" in proc.stderr and not (tmp_path / "o").exists()

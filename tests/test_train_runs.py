@@ -10,6 +10,7 @@ also builds DeepSpeed's small CPU communication op (~70 s on 2 cores, cached in
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -210,8 +211,11 @@ def test_uniattn_zero_init_starts_wc_at_zero(work):
 
 def test_sigkill_then_restart_resumes_to_the_same_weights(work, uniattn_run, capsys):
     out = work["root"] / "uniattn-killed"
+    tests = str(Path(__file__).resolve().parent)
     killed = train(work, "train_deepspeed-ft_uniattn.sh", out, 1, zero=2,
-                   env={"UNIATTN_TEST_SIGKILL_AFTER_SAVE": "stage2:2"})
+                   env={"UNIATTN_KILL_STAGE": "stage2", "UNIATTN_KILL_STEP": "2",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))},
+                   extra="--trainer_callback kill_callback:KillAfterSave")
     assert killed.returncode != 0
     assert (out / "stage1" / "final").is_dir() and not (out / "final").exists()
     assert sorted(p.name for p in (out / "stage2").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

@@ -96,3 +96,4 @@ def fails(capsys, args, *needles) -> str:
     for needle in needles:
         assert needle in err, err
     return err
+

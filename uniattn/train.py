@@ -54,7 +54,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -84,12 +83,12 @@ MODES = ("plain", "softmax", "uniattn", "cla", "drop")
 REPO_DIR = CONFIGS_DIR.parent
 # Flags of this script; everything else is a TrainingArguments flag.
 SCRIPT_FLAGS = ("mode", "model_dir", "data", "superblock", "init_path", "preset", "max_length",
-                "effective_batch_size", "attn_implementation", "check_only", "include_eval_items", "zero_init")
+                "effective_batch_size", "attn_implementation", "check_only", "include_eval_items", "zero_init",
+                "trainer_callback")
 # Stage-1 options of --mode uniattn and their defaults (the seed's recipe). A run file without them (written
 # before they existed) counts as having these values, so it still resumes.
 STAGE1_DEFAULTS = {"stage1_objective": "lm", "stage1_trainable": "compensation", "stage1_share": None,
                    "init_scale": 1.0, "stage1_data": None}
-TEST_KILL_ENV = "UNIATTN_TEST_SIGKILL_AFTER_SAVE"
 
 
 class UsageError(ValueError):
@@ -156,6 +155,9 @@ def build_parser() -> HfArgumentParser:
                    help="examples per optimizer step; sets --gradient_accumulation_steps unless that is given")
     g.add_argument("--attn_implementation", default=None, help="sdpa | eager | flash_attention_2 | flex_attention")
     g.add_argument("--check_only", action="store_true", help="check everything, train nothing, write nothing")
+    g.add_argument("--trainer_callback", action="append", default=[], metavar="MODULE:NAME",
+                   help="a transformers TrainerCallback class to add to every stage's Trainer (repeatable), "
+                        "imported from MODULE, e.g. my_callbacks:LogGradNorm")
     g.add_argument("--include_eval_items", action="store_true",
                    help="also train on records the evaluation tasks hold out (uniattn.eval.split)")
     return parser
@@ -298,6 +300,7 @@ def check_everything(script, targs: dict, config) -> Checked:
     if tokenizer.eos_token_id is None:
         raise UsageError(f"the tokenizer of {script.model_dir} has no EOS token; the response labels end with it")
     _check_lengths(records, tokenizer, script)
+    callback_classes(script.trainer_callback)  # a bad one stops here, before anything is written
     identity = {
         "mode": mode,
         "model_dir": str(Path(script.model_dir).resolve()),
@@ -550,23 +553,22 @@ def is_follower_vo(name: str, config) -> bool:
     return bool(m) and int(m.group(1)) in config.superblock_layout.followers
 
 
-class _SigkillAfterSave(TrainerCallback):
-    """Test hook: ``UNIATTN_TEST_SIGKILL_AFTER_SAVE=stage:step`` SIGKILLs every rank once that checkpoint is saved."""
+def callback_classes(specs: list[str]) -> list[type]:
+    """``--trainer_callback MODULE:NAME`` values -> TrainerCallback classes; UsageError naming a bad one."""
+    import importlib
 
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()  # rank 0 has finished writing the checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _callbacks(stage: Stage) -> list:
-    spec = os.environ.get(TEST_KILL_ENV, "")
-    name, _, step = spec.partition(":")
-    return [_SigkillAfterSave(int(step))] if spec and name == stage.name else []
+    classes = []
+    for spec in specs:
+        module, _, name = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name) if module and name else None
+        except (ImportError, AttributeError) as err:
+            raise UsageError(f"--trainer_callback {spec}: {err}; pass MODULE:NAME of an importable "
+                             "TrainerCallback class (MODULE on PYTHONPATH)") from None
+        if not (isinstance(cls, type) and issubclass(cls, TrainerCallback)):
+            raise UsageError(f"--trainer_callback {spec!r} is not MODULE:NAME of a transformers TrainerCallback class")
+        classes.append(cls)
+    return classes
 
 
 def publish_final(trainer: Trainer, final: Path, info: dict) -> None:
@@ -615,7 +617,7 @@ def train(script, targs: dict, checked: Checked) -> Path:
             write_run_file(out, checked.identity)
         model = build_model(script, stage, stages, dtype, checked.init_tensors)
         kw = dict(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                  processing_class=tokenizer, callbacks=_callbacks(stage))
+                  processing_class=tokenizer, callbacks=[cls() for cls in callback_classes(script.trainer_callback)])
         objective = "lm"
         if stage.name == "stage1" and script.stage1_objective == "kl":
             objective = "kl"

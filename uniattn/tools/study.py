@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from ..experiment import Paused, device_name, exit_code, run_logged, versions
+from .experiment import Paused, device_name, exit_code, run_logged, versions
 from ..io import write_json
 from ..modeling.layout import SuperBlockLayout
 from ..net import free_port
@@ -287,7 +287,7 @@ class Study:
         out = self.out / "scores" / f"{tag}.json"
         if not out.exists():
             self._may_start(f"scoring {tag}", finishing=True)
-            cmd = [self.py, "-m", "uniattn.loss_eval", str(model), "--data", *files, "--limit", "0",
+            cmd = [self.py, "-m", "uniattn.tools.loss_eval", str(model), "--data", *files, "--limit", "0",
                    "--max-length", str(self.args.max_length), "--batch-size", "16", "--json", str(out), "--with_kv"]
             run_logged(cmd, self.out / "logs" / f"score_{tag}.log", env)
         raw = json.loads(out.read_text())[str(model)]
@@ -503,7 +503,7 @@ def main(argv=None) -> int:
         p.error(f"--lr_for takes ARM=LR pairs such as plain=1e-4, got {args.lr_for}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model_dir is None:
-        from ..smollm2 import ensure_smollm2
+        from .smollm2 import ensure_smollm2
 
         args.model_dir = str(ensure_smollm2())
     config = Path(args.model_dir) / "config.json"

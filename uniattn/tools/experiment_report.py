@@ -1,6 +1,6 @@
-"""Tables and plot for ``uniattn.experiment``'s results.json.
+"""Tables and plot for ``uniattn.tools.experiment``'s results.json.
 
-    python -m uniattn.experiment_report outputs/experiment_pmc_cpu/results.json [--out-dir DIR] [--name NAME]
+    python -m uniattn.tools.experiment_report outputs/experiment_pmc_cpu/results.json [--out-dir DIR] [--name NAME]
 
 Writes ``NAME.md`` (default ``results.md``) (per-arm means with the seed-to-seed spread, per-task
 accuracies, per-seed losses, KV cache and parameters, and the comparisons the
@@ -15,7 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .io import atomic_path, write_text
+from ..io import atomic_path, write_text
 
 ARM_NAMES = {
     "base": "base (no fine-tuning)", "plain": "plain FT", "softmax": "softmax-only FT (W_c = 0 frozen)",
@@ -188,13 +188,13 @@ def _plot_accuracy(ax, arms: dict, names: list[str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="results.json written by uniattn.experiment")
+    p.add_argument("results", help="results.json written by uniattn.tools.experiment")
     p.add_argument("--out-dir", default=None, help="default: the results file's folder")
     p.add_argument("--name", default="results", help="file stem of the table and plot")
     args = p.parse_args(argv)
     path = Path(args.results)
     if not path.is_file():
-        print(f"error: {path} does not exist; run python -m uniattn.experiment first", file=sys.stderr)
+        print(f"error: {path} does not exist; run python -m uniattn.tools.experiment first", file=sys.stderr)
         return 2
     summary = json.loads(path.read_text())
     out_dir = Path(args.out_dir or path.parent)

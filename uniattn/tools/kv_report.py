@@ -1,6 +1,6 @@
 """KV-cache bytes and parameter counts of a UniAttn (softmax-only, CLA or drop) checkpoint against its base model.
 
-    python -m uniattn.kv_report BASE_DIR UNIATTN_DIR [--tokens 1024 --batch 1]
+    python -m uniattn.tools.kv_report BASE_DIR UNIATTN_DIR [--tokens 1024 --batch 1]
 
 Prefills the same random prompt through both models with a ``DynamicCache`` and
 prints a markdown table (cache bytes, parameters, and the ratios).
@@ -14,7 +14,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from .modeling.cache import cache_nbytes
+from ..modeling.cache import cache_nbytes
 
 # superblock_sharing -> the name of the arm in the table
 LABELS = {"softmax": "UniAttn", "kv": "CLA", "drop": "drop (LLMDrop)"}
