@@ -155,8 +155,14 @@ def test_cli_writes_file_and_checkpoint(tiny_base, tmp_path):
     tensors = load_init(out, model.config)
     for name, tensor in tensors.items():
         assert torch.equal(model.state_dict()[name], tensor)
+    # apply_init puts the file's W_c into another model: zero it first, so only the file can restore it.
     other = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        for name in tensors:
+            other.get_parameter(name).zero_()
     apply_init(other, out)
+    for name, tensor in tensors.items():
+        assert torch.count_nonzero(tensor) > 0 and torch.equal(other.get_parameter(name), tensor)
 
 
 def test_calibration_leaves_out_the_evaluation_items_by_default(tiny_base, tmp_path):

@@ -40,19 +40,22 @@ def test_converted_smollm2_has_12_followers_and_finite_logits(smol):
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
 
 
-def test_init_calc_closes_part_of_the_gap_on_held_out_text(smol):
+def test_init_calc_recovers_at_least_40_percent_of_the_gap_on_held_out_text(smol):
+    # docs/init_calc.md's 64-sample row (python -m uniattn.tools.init_report --samples 64 --heldout 32):
+    # first 64 PMC records, 320 tokens, ridge 1e-4, held-out records 900-931; it reports 42%.
     path, base, tokenizer = smol
     records = load_records(default_data_file("pmc"))
-    calib, held_out = records[:48], records[900:916]
+    calib, held_out = records[:64], records[900:932]
     uni, _ = load_converted(path, LAYOUT, dtype=torch.float32)
     uni.eval()
-    test_batches = make_batches(held_out, tokenizer, 128, 8)
+    test_batches = make_batches(held_out, tokenizer, 320, 8)
     without = propagate(base, uni, test_batches, fit=False, progress=False)
-    loss_base = response_loss(base, tokenizer, held_out, 128)[0]
-    loss_zero = response_loss(uni, tokenizer, held_out, 128)[0]
-    propagate(base, uni, make_batches(calib, tokenizer, 128, 8), fit=True, ridge=1e-3, progress=False)
+    loss_base = response_loss(base, tokenizer, held_out, 320)[0]
+    loss_zero = response_loss(uni, tokenizer, held_out, 320)[0]
+    propagate(base, uni, make_batches(calib, tokenizer, 320, 8), fit=True, ridge=1e-4, progress=False)
     with_wc = propagate(base, uni, test_batches, fit=False, progress=False)
-    loss_init = response_loss(uni, tokenizer, held_out, 128)[0]
+    loss_init = response_loss(uni, tokenizer, held_out, 320)[0]
+    recovered = (loss_zero - loss_init) / (loss_zero - loss_base)
+    assert recovered >= 0.40, (loss_base, loss_zero, loss_init, recovered)
     improved = sum(b["stream_rel_error"] < a["stream_rel_error"] for a, b in zip(without, with_wc))
     assert improved >= 10, (without, with_wc)
-    assert loss_base < loss_init < loss_zero, (loss_base, loss_init, loss_zero)

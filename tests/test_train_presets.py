@@ -8,10 +8,23 @@ import pytest
 from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
 from uniattn.convert import uniattn_config_from
-from uniattn.presets import CONFIGS_DIR, read_preset, select_preset
+from uniattn.train.presets import CONFIGS_DIR, read_preset, select_preset
 from uniattn.train import build_parser, parse_args
 
+# The presets must carry the seed's settings as the method spec states them (docs/METHOD.md, "Seed defaults"),
+# not as the YAML happens to say: the expected values below are checked against that paragraph first.
 SEED_LR = {"llama2_7b.yaml": 2e-5, "llama3.1_8b.yaml": 7e-6, "mistral_7b.yaml": 1e-6, "gemma2_9b.yaml": 1e-6}
+SPEC_NAMES = {"llama2_7b.yaml": "LLaMA-2 7B", "llama3.1_8b.yaml": "LLaMA-3.1 8B", "mistral_7b.yaml": "Mistral 7B",
+              "gemma2_9b.yaml": "Gemma-2 9B"}
+SPEC_PHRASES = ("1 epoch", "cosine", "warmup 3%", "weight decay 0", "bf16", "max length 1024", "effective batch 48")
+
+
+def test_expected_values_are_the_specs():
+    text = (CONFIGS_DIR.parent / "docs" / "METHOD.md").read_text()
+    seed = " ".join(text[text.index("Seed defaults"):].split("\n\n")[0].split())
+    for name, lr in SEED_LR.items():
+        assert f"{SPEC_NAMES[name]} {lr:g}".replace("e-0", "e-") in seed, (name, seed)
+    assert all(phrase in seed for phrase in SPEC_PHRASES), seed
 
 
 def configs():

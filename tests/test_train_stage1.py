@@ -22,7 +22,7 @@ from train_helpers import LAYOUT, REPO, fails, make_checkpoint, make_init, state
 
 from uniattn.data import collate, load_records, tokenize
 from uniattn.eval.split import train_eval_split
-from uniattn.distill import DistillTrainer, distill_kl, load_teacher
+from uniattn.train.distill import DistillTrainer, distill_kl, load_teacher
 from uniattn.train import (build_model, check_everything, parse_args,
                            plan_stages, split_records)
 from uniattn.train import main as train_main

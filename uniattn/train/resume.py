@@ -26,7 +26,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .io import write_json
+from ..io import write_json
 
 RUN_FILE = "uniattn_run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

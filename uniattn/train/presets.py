@@ -18,7 +18,7 @@ import yaml
 
 logger = logging.getLogger(__name__)
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PRESET = "default.yaml"
 
 
