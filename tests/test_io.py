@@ -32,3 +32,25 @@ def test_atomic_path_keeps_the_extension_for_writers_that_read_it(tmp_path):
         tmp.write_bytes(b"\x89PNG")
     assert (tmp_path / "plot.png").read_bytes() == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+def test_atomic_dir_appears_whole_replaces_and_leaves_nothing_on_error(tmp_path):
+    import os
+
+    from uniattn.io import atomic_dir
+
+    out = tmp_path / "ckpt"
+    with atomic_dir(out) as staged:
+        (staged / "a.txt").write_text("one")
+        assert not out.exists()  # nothing visible until the block ends
+    assert (out / "a.txt").read_text() == "one"
+    (tmp_path / "plain").mkdir()
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777  # as mkdir would make it
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as staged:
+            (staged / "a.txt").write_text("half")
+            raise RuntimeError("writer died")
+    assert (out / "a.txt").read_text() == "one"
+    with atomic_dir(out) as staged:
+        (staged / "b.txt").write_text("two")
+    assert sorted(os.listdir(out)) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["ckpt", "plain"]

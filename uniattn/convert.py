@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -102,34 +102,15 @@ def load_converted(base_dir, superblock, dtype="auto", sharing: str = "softmax",
     return model, config
 
 
-def _stage_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-
-
-def publish(staged: Path, out: Path, overwrite: bool) -> None:
-    """Move a fully written checkpoint into place (rename, so readers never see half of one)."""
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    staged.rename(out)
-
-
 def save_checkpoint(model, out_dir, tokenizer_from=None, overwrite: bool = False) -> Path:
     """Save model (+ tokenizer copied from ``tokenizer_from``) atomically to ``out_dir``."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    staged = _stage_dir(out)
-    try:
+    with atomic_dir(out) as staged:
         model.save_pretrained(staged)
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, staged)
-        publish(staged, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return out
 
 

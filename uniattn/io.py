@@ -10,27 +10,33 @@ that wants a file name of its own (matplotlib's ``savefig``, safetensors'
         fig.savefig(tmp)          # tmp ends in ".png" too, so the format is inferred as before
 
 The file gets the permissions a plain ``open(path, "w")`` would give it (0666
-less the umask), not the private 0600 of a temporary file. Whole checkpoint
-*directories* are staged and renamed by their writers (``convert.publish``,
-``train.publish_final``, ``pool.write_pool``).
+less the umask), not the private 0600 of a temporary file. Whole directories
+(checkpoints, the pool) go through ``atomic_dir``:
+
+    with atomic_dir(out) as staged:
+        model.save_pretrained(staged)   # out appears only now, complete; an old out is replaced
+
+Training's final model is the one exception: every rank writes into its staged folder and rank 0
+renames it (``uniattn.train.stages.publish_final``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def _file_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)  # the only way to read the umask; done once, at import, before any writer thread starts
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
-_FILE_MODE = _file_mode()
+_FILE_MODE, _DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
 
 
 @contextmanager
@@ -75,3 +81,23 @@ def _line(row) -> str:
 
 def write_jsonl(path, rows) -> Path:
     return write_text(path, "".join(_line(r) for r in rows))
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder next to ``path``; when the block ends without an error it becomes ``path``
+    (an existing ``path`` is replaced). On an error the temporary folder is removed and ``path`` left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield staged
+        staged.chmod(_DIR_MODE)  # what a plain mkdir gives, not mkdtemp's private 0700
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            path.rename(old)
+        staged.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise

@@ -17,14 +17,11 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shlex
-import shutil
 import sys
 import tarfile
-import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -34,7 +31,7 @@ from tqdm import tqdm
 from uniattn.eval import TASKS_DIR
 from uniattn.eval.prepare import BIGBENCH_TASKS
 from uniattn.eval.split import EVAL_FRACTION, SPLIT_SALT, hash_fraction, is_eval_record, split_key
-from uniattn.io import write_json, write_text
+from uniattn.io import atomic_dir, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -256,9 +253,7 @@ def make_splits(records: list[dict], questions: set[str], args, dropped: Counter
 
 def write_pool(out: Path, splits: dict[str, list[dict]], manifest: dict) -> dict:
     """Write every file into a temporary folder next to ``out``, then rename it to ``out`` (replacing an old one)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building."))
-    try:
+    with atomic_dir(out) as tmp:
         manifest["files"] = {}
         for name, rows in splits.items():
             lines = (json.dumps({k: v for k, v in r.items() if k[0] != "_"}, ensure_ascii=False, sort_keys=True)
@@ -267,17 +262,6 @@ def write_pool(out: Path, splits: dict[str, list[dict]], manifest: dict) -> dict
             path = write_text(tmp / f"{name}.jsonl", "".join(line.translate(_LINE_BREAKS) + "\n" for line in lines))
             manifest["files"][path.name] = {"records": len(rows), "bytes": path.stat().st_size, "sha256": _sha256(path)}
         write_json(tmp / "MANIFEST.json", manifest)
-        for path in tmp.iterdir():
-            path.chmod(0o644)  # mkstemp/mkdtemp make private files; the pool is shared data
-        tmp.chmod(0o755)
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from ..io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +80,15 @@ def ensure_smollm2(out_dir: str | os.PathLike | None = None) -> Path:
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config.eos_token_id = config.eos_token_id
         model.generation_config.pad_token_id = config.pad_token_id
-        staged = tmp / "checkpoint"
-        model.save_pretrained(staged)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The GGUF metadata names <|im_start|> as EOS; the model's config (and SmolLM2's
         # chat format) end a turn with <|im_end|> = id 2, which is also its pad id.
         end = tokenizer.convert_ids_to_tokens(config.eos_token_id)
         tokenizer.eos_token = end
         tokenizer.pad_token = end
-        tokenizer.save_pretrained(staged)
-        if out.exists():
-            shutil.rmtree(out)
-        staged.rename(out)  # atomic: a half-built checkpoint is never visible under `out`
+        with atomic_dir(out) as staged:  # a half-built checkpoint is never visible under `out`
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
     return out
 
 
