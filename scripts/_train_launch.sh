@@ -11,6 +11,10 @@
 #   INIT_PATH   init-calc output, for train_deepspeed-ft_uniattn.sh
 #   EXTRA_ARGS  more uniattn.train flags, e.g. "--max_steps 5 --learning_rate 1e-5"
 #   MASTER_PORT rendezvous port (default 29500; change it to run two trainings at once)
+#   HOSTFILE    multi-node: a DeepSpeed hostfile ("node0 slots=8" a line); the launcher starts every node
+#               over ssh/pdsh, or, with NODE_RANK set, each node runs the command itself (no ssh)
+#               (docs/train.md, "Several nodes"). NUM_GPUS, when set, caps the processes per node;
+#               NUM_NODES caps the nodes; MASTER_ADDR names the rendezvous node.
 #   PYTHON      interpreter (default: the repo's .venv, else python3)
 #
 # Running the same command again resumes from the newest checkpoint in OUTPUT_DIR.
@@ -32,8 +36,28 @@ launch_train() {
   source "$ROOT/scripts/common.sh"  # PY, MODEL_DIR, DATA_DIR, NUM_GPUS
   local extra=()
   read -r -a extra <<< "${EXTRA_ARGS:-}"
-  echo "launching $NUM_GPUS process(es); model $MODEL_DIR; data $DATA_DIR; output $OUTPUT_DIR" >&2
-  exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" \
+  local where=(--num_gpus "$NUM_GPUS")
+  if [ -n "${HOSTFILE:-}" ]; then
+    [ -f "$HOSTFILE" ] || die "HOSTFILE=$HOSTFILE is not a file; write a DeepSpeed hostfile (a line per node: 'node0 slots=8')"
+    where=(--hostfile "$HOSTFILE")
+    local hosts first
+    hosts=$(grep -cE '^[[:space:]]*[^#[:space:]]' "$HOSTFILE" || true)
+    first=$(grep -E '^[[:space:]]*[^#[:space:]]' "$HOSTFILE" | head -n 1 | awk '{print $1}')
+    [ -n "${NUM_GPUS_SET:-}" ] && where+=(--num_gpus "$NUM_GPUS")
+    [ -n "${NUM_NODES:-}" ] && where+=(--num_nodes "$NUM_NODES")
+    if [ -n "${NODE_RANK:-}" ]; then
+      where+=(--no_ssh --node_rank "$NODE_RANK")  # each node runs this command itself, no ssh
+    elif [ "$hosts" -eq 1 ]; then
+      where+=(--no_ssh_check)  # one node: nothing to reach over ssh
+    fi
+    local master=${MASTER_ADDR:-}
+    [ -z "$master" ] && [ "$hosts" -eq 1 ] && master=$first
+    [ -n "$master" ] && where+=(--master_addr "$master")
+    echo "launching on the nodes of $HOSTFILE; model $MODEL_DIR; data $DATA_DIR; output $OUTPUT_DIR" >&2
+  else
+    echo "launching $NUM_GPUS process(es); model $MODEL_DIR; data $DATA_DIR; output $OUTPUT_DIR" >&2
+  fi
+  exec "$PY" -m deepspeed.launcher.runner "${where[@]}" --master_port "${MASTER_PORT:-29500}" \
     --module uniattn.train --model_dir "$MODEL_DIR" --data "$DATA_DIR" --output_dir "$OUTPUT_DIR" \
     "$@" "${extra[@]}"
 }

@@ -36,6 +36,7 @@ if [ -d "$DATA_DIR" ]; then
   fi
   DATA_DIR=${_files[0]}
 fi
+NUM_GPUS_SET=${NUM_GPUS:-}  # whether the user chose it (a hostfile run only passes a chosen count on)
 if [ -z "${NUM_GPUS:-}" ]; then
   NUM_GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 fi

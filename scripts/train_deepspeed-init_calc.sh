@@ -2,8 +2,10 @@
 # Closed-form initialisation of the compensation W_c (the seed's interface):
 #   bash scripts/train_deepspeed-init_calc.sh G B E L
 # e.g. 4 16 33 32 for LLaMA-3.1-8B, 4 14 30 30 for the default SmolLM2-135M.
-# Environment: MODEL_DIR, DATA_DIR, OUTPUT_DIR, NUM_GPUS; extra flags of
+# Environment: MODEL_DIR, DATA_DIR, OUTPUT_DIR, NUM_GPUS (processes on this node); extra flags of
 # `python -m uniattn.init_calc` (--num_samples, --max_length, --dtype, ...) go in EXTRA_ARGS.
+# Several nodes (torchrun): run the same command on every node with NNODES, NODE_RANK, MASTER_ADDR
+# (and MASTER_PORT) set; docs/train.md, "Several nodes".
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ $# -ne 4 ]; then
@@ -18,7 +20,12 @@ INIT_PATH="$OUTPUT_DIR/uniattn_init.safetensors"
 
 ARGS=(--model_dir "$MODEL_DIR" --data "$DATA_DIR" --superblock "$1" "$2" "$3" --num_layers "$4"
       --output "$INIT_PATH" --save_model "$OUTPUT_DIR/model" --overwrite ${EXTRA_ARGS:-})
-if [ "$NUM_GPUS" -gt 1 ]; then
+if [ -n "${NNODES:-}" ]; then
+  require_int NNODES "$NNODES"; require_int NODE_RANK "${NODE_RANK:-}" "this node's index, 0 on MASTER_ADDR"
+  [ -n "${MASTER_ADDR:-}" ] || { echo "$(basename "$0"): error: NNODES=$NNODES needs MASTER_ADDR (node 0's address)" >&2; exit 2; }
+  "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS" \
+    --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" -m uniattn.init_calc "${ARGS[@]}"
+elif [ "$NUM_GPUS" -gt 1 ]; then
   "$PY" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" -m uniattn.init_calc "${ARGS[@]}"
 else
   "$PY" -m uniattn.init_calc "${ARGS[@]}"

@@ -257,3 +257,32 @@ def test_fixture_records_keep_response_tokens(work):
     tokenizer = AutoTokenizer.from_pretrained(work["base"])
     labels = [tokenize(r, tokenizer, 256).labels for r in load_records(work["data"])]
     assert all(any(t != -100 for t in lab) for lab in labels)
+
+
+def test_two_processes_through_a_localhost_hostfile(work):
+    # What one machine allows of a multi-node launch: DeepSpeed's hostfile path, with this host's two slots.
+    out = work["root"] / "hostfile"
+    hostfile = work["root"] / "hostfile.txt"
+    hostfile.write_text("localhost slots=2\n")
+    proc = ok(train(work, "train_deepspeed-ft.sh", out, 2, zero=2, layout=False,
+                    env={"HOSTFILE": str(hostfile), "NUM_GPUS": ""}))
+    assert f"launching on the nodes of {hostfile}" in proc.stderr
+    info = json.loads((out / "final" / "uniattn_train.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == STEPS
+    bad = train(work, "train_deepspeed-ft.sh", work["root"] / "nohost", 2, zero=2, layout=False,
+                env={"HOSTFILE": str(work["root"] / "missing.txt")})
+    assert bad.returncode == 2 and "is not a file" in bad.stderr and not (work["root"] / "nohost").exists()
+
+
+def test_a_rank_that_dies_ends_the_launch_with_an_error_and_no_final_model(work):
+    import time
+
+    out = work["root"] / "one-rank-killed"
+    tests = str(Path(__file__).resolve().parent)
+    start = time.monotonic()
+    proc = train(work, "train_deepspeed-ft.sh", out, 2, zero=2, layout=False,
+                 env={"UNIATTN_KILL_STAGE": out.name, "UNIATTN_KILL_STEP": "1", "UNIATTN_KILL_RANK": "1",
+                      "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))},
+                 extra="--trainer_callback kill_callback:KillAfterSave")
+    assert proc.returncode != 0 and time.monotonic() - start < 240
+    assert not (out / "final").exists() and not list(out.glob(".final*"))
