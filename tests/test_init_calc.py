@@ -428,3 +428,22 @@ def test_three_processes_with_one_batch_agree_with_one(tiny_base, tmp_path):
     a, b = load_init(one, _config(tiny_base)), load_init(three, _config(tiny_base))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+def test_tokens_response_fits_on_the_response_tokens_only(tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from uniattn.data import load_records
+    from uniattn.init_calc import make_batches
+
+    data = _data(tmp_path, n=12)
+    every, response = tmp_path / "all.safetensors", tmp_path / "response.safetensors"
+    assert init_main(_args(tiny_base, data, every, "--ridge", "1e-3")) == 0
+    assert init_main(_args(tiny_base, data, response, "--ridge", "1e-3", "--tokens", "response")) == 0
+    m_all, m_resp = read_metadata(every), read_metadata(response)
+    batches = make_batches(load_records(data), AutoTokenizer.from_pretrained(tiny_base), 48, 4)
+    want = sum(int((b["labels"] != -100).sum()) for b in batches)  # independent count: the labelled tokens
+    assert m_resp["token_selection"] == "response" and m_resp["tokens"] == want < m_all["tokens"]
+    assert all(f["tokens"] == want for f in m_resp["followers"])
+    a, b = load_init(every, _config(tiny_base)), load_init(response, _config(tiny_base))
+    assert any(not torch.allclose(a[n], b[n]) for n in a)  # a different token set gives a different fit

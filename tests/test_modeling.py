@@ -103,6 +103,29 @@ def test_incremental_decoding_equals_full_forward(family, attn, cache, sharing):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("cache", ("dynamic", "static"))
+def test_multi_token_decode_across_the_explicit_row_boundary_equals_full_forward(family, attn, cache):
+    # Assisted decoding feeds q > 1 tokens against a longer cache: q = 16 takes the explicit-row decode path
+    # (DECODE_MAX_QUERIES), q = 17 the prefill kernel, q = 3 decode again; all must equal one full forward.
+    from uniattn.modeling.attention import DECODE_MAX_QUERIES
+
+    assert DECODE_MAX_QUERIES == 16  # the chunks below sit on either side of it
+    _, uni = make_pair(family, attn=attn, seed=41)
+    ids, _ = random_batch(batch=2, length=42, padding="right", seed=42)
+    ids[:, :] = ids[0]
+    chunks = [6, 16, 17, 3]  # kv after each: 6, 22, 39, 42; every decode chunk has kv > q
+    with torch.no_grad():
+        full = uni(ids).logits
+        past = DynamicCache(config=uni.config) if cache == "dynamic" else StaticCache(config=uni.config, max_cache_len=48)
+        got, start = [], 0
+        for n in chunks:
+            out = uni(ids[:, start:start + n], past_key_values=past, use_cache=True)
+            past, start = out.past_key_values, start + n
+            got.append(out.logits)
+    torch.testing.assert_close(torch.cat(got, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("sharing", ("softmax", SOFTMAX_ONLY))
 @pytest.mark.parametrize("cache", (None, "static"))
 def test_generate_with_cache_equals_without(family, cache, sharing):
