@@ -60,10 +60,8 @@ class ActivationStore:
             self.items[k] = items
         elif self.mode == "cpu":
             self.items[k] = _move(items, "cpu")
-        else:
-            path = self.folder / f"{k}.pt"
-            torch.save(_move(items, "cpu"), path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+        else:  # a private folder that only this process reads, and removes: no need for atomic writes
+            torch.save(_move(items, "cpu"), self.folder / f"{k}.pt")
 
     def get(self, k: int) -> dict:
         if self.mode == "device":

@@ -290,8 +290,11 @@ def _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto):
     ``auto`` the held-out part (else None). The follower's ``W_c`` is still zero here."""
     config, comp = uni.config, ul.self_attn.compensation
     device = next(uni.parameters()).device
-    eq, eq_held = (NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None, device=device)
-                   for _ in range(2))
+
+    def equations():  # hidden^2 float64 sums: a second set only when a held-out part needs one
+        return NormalEquations(config.hidden_size, config.hidden_size, comp.bias is not None, device=device)
+
+    eq, eq_held = equations(), (equations() if auto else None)
     for k, b in enumerate(batches):
         p, d = prepare(uni, b, tokens), store.get(k)
         kw = p.layer_kwargs(config, i)
@@ -308,7 +311,7 @@ def _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto):
     eq.all_reduce()
     if auto:
         eq_held.all_reduce()
-    return eq, (eq_held if auto else None)
+    return eq, eq_held
 
 
 # ---------------------------------------------------------------- driver
@@ -440,7 +443,8 @@ def run(args) -> dict:
             logger.warning("%d calibration records are too few to hold any out for choosing the ridge; using the "
                            "fixed --ridge %g (pass more --num_samples to choose it from data)", len(records), DEFAULT_RIDGE)
             ridge, flags = DEFAULT_RIDGE, None
-            all_batches = make_batches(records, tokenizer, args.max_length, args.batch_size)
+            for b in all_batches:  # the same batches, without the split
+                del b["holdout"]
         elif empty:
             side = empty[0]
             raise ValueError(

@@ -28,9 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import TASKS_DIR
 from .report import publish
-
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 class EvalError(ValueError):
