@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
@@ -88,3 +91,26 @@ def random_batch(batch=3, length=12, vocab=97, padding="right", seed=0):
             mask[b, :n_pad] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+def _mapped_files() -> set[str]:
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(maxsplit=5)[-1].strip() for line in maps.read_text().splitlines())
+        except OSError:  # the process ended while we looked
+            pass
+    return mapped
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_shm_left_behind():
+    """Runs the tests SIGKILL on purpose cannot unlink DeepSpeed's 66 MB /dev/shm buffer (a finished run does,
+    and test_train_runs checks it); remove what this session's dead ranks left, or tmpfs fills the machine."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(Path("/dev/shm").glob(pattern))
+    yield
+    mapped = _mapped_files()
+    for path in set(Path("/dev/shm").glob(pattern)) - before:
+        if str(path) not in mapped:
+            path.unlink(missing_ok=True)

@@ -45,12 +45,19 @@ def base_of(work, family):
     return work[family]
 
 
+def shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
 def train(work, script, out, nproc, zero, layout=True, env=None, extra="", family="llama"):
     args = [G, B, E] if layout else []
     env = {"MODEL_DIR": str(base_of(work, family)), "DATA_DIR": str(work["data"]), "OUTPUT_DIR": str(out),
            "NUM_GPUS": str(nproc), "INIT_PATH": str(work["init"]),
            "EXTRA_ARGS": f"{COMMON} --deepspeed {ZERO[zero]} {extra}", **(env or {})}
-    return run_script(script, args, env)
+    before = shm_buffers()
+    proc = run_script(script, args, env)
+    proc.leaked_shm = shm_buffers() - before  # ok() checks that a finished run removed its all-reduce buffers
+    return proc
 
 
 def train_argv(work, out):
@@ -62,6 +69,7 @@ def train_argv(work, out):
 
 def ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert not getattr(proc, "leaked_shm", None), f"left in /dev/shm: {sorted(proc.leaked_shm)}"
     return proc
 
 

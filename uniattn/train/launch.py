@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 
 from ..net import free_port
@@ -24,6 +26,20 @@ def _launcher_env() -> None:
     if "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def shm_buffer() -> Path:
+    """This rank's DeepSpeed CPU all-reduce buffer (``deepspeed/ops/csrc/cpu/comm/shm.cpp`` names it so)."""
+    env = os.environ
+    return Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_"
+                            f"{env.get('MASTER_PORT')}_{env.get('RANK', '0')}")
+
+
+def _remove_shm_buffer_at_exit() -> None:
+    # DeepSpeed's CPU all-reduce maps a 66 MB file in /dev/shm per rank and never unlinks it: on a CPU machine every
+    # run leaked one, until tmpfs ate the memory (it did: CI was OOM-killed after a day of runs). The peers opened
+    # it when the group formed, so unlinking at exit cannot pull it from under them.
+    atexit.register(lambda: shm_buffer().unlink(missing_ok=True))
 
 
 def main(argv=None) -> int:
@@ -48,6 +64,7 @@ def main(argv=None) -> int:
             print(f"{targs['output_dir']}/final exists: this run already finished; pass a new OUTPUT_DIR to train again")
         return 0
     _launcher_env()
+    _remove_shm_buffer_at_exit()
     final = train(script, targs, checked)
     if rank == 0:
         print(f"final model: {final}")
