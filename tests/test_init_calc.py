@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_pair
 
-from uniattn.init_calc import NormalEquations, main as init_main, propagate
+from uniattn.init_calc import NormalEquations, gemma2_stream_target, main as init_main, propagate
 from uniattn.init_file import apply_init, load_init, read_metadata
 
 
@@ -72,8 +72,9 @@ def _slow_reference(stock, uni, batches, ridge):
                 uni(b["input_ids"], attention_mask=b["attention_mask"])
             for h in handles:
                 h.remove()
-            if gemma:
-                target = seen["ba"] - seen["ua"]
+            if gemma:  # the linearised stream objective; tests/test_init_calc_gemma2.py checks that function itself
+                norm = uni.model.layers[f].post_attention_layernorm
+                target = gemma2_stream_target(norm, seen["ba"], seen["ua"], seen["bx"] - seen["ux"])
             else:
                 target = (seen["bx"] + seen["ba"]) - (seen["ux"] + seen["ua"])
             real = b["attention_mask"].bool()

@@ -200,3 +200,34 @@ def test_stop_after_still_scores_a_trained_model(base, pool, tmp_path, monkeypat
     assert s.train_and_score(run)["loss"]["val"] == 2.0
     with pytest.raises(study.Paused):  # but nothing new starts
         s.train_and_score(study.Run("plain", 0, 3e-4, 0))
+
+
+def test_lm_eval_scores_every_arm_and_the_report_shows_them(base, pool, tmp_path, capsys):
+    # A real lm-eval run per model (3 items per task here; the study's figures use every item).
+    out = tmp_path / "study"
+    argv = ["--pool", str(pool), "--out", str(out), "--model_dir", str(base), *POINTS, "--arms", "base", "plain",
+            "--seeds", "0", "--lrs", "1e-3", "--steps", str(STEPS), "--batch", "2", "--max_length", "128",
+            "--launcher", "python"]
+    assert study_main(argv) == 0  # scored without lm-eval first: a later --lm_eval call must train plain again
+    before = json.loads((out / "results.json").read_text())["results"]
+    assert all("lm_eval" not in r for r in before.values())
+    assert study_main([*argv, "--lm_eval", "--lm_eval_limit", "3"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    for key, res in data["results"].items():
+        scores = res["lm_eval"]
+        assert {"uniattn_pubmedqa", "uniattn_medmcqa", "uniattn_winowhy"} <= set(scores), (key, scores)
+        assert all(s["n"] == 3 and 0 <= s["acc"] <= 1 for s in scores.values()), scores
+    assert report_main([str(out / "results.json"), "--md", str(tmp_path / "r.md"), "--png", str(tmp_path / "f.png")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "### lm-eval" in text and "pubmedqa (n=3)" in text
+
+
+def test_lm_eval_without_lm_eval_installed_exits_2(base, pool, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    code = study_main(["--pool", str(pool), "--out", str(tmp_path / "s"), "--model_dir", str(base), *POINTS,
+                       "--arms", "plain", "--lm_eval"])
+    assert code == 2 and "setup_env.sh eval" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

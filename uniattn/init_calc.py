@@ -5,12 +5,32 @@ Softmax unification took away from the residual stream (UNIATTN.md section 4):
 
 * target: the base model's post-attention residual stream at that layer minus
   the UniAttn model's (earlier followers already compensated, this one not);
-  for Gemma-2, whose compensation sits inside ``post_attention_layernorm``, the
-  difference of the attention outputs before that norm;
+  for Gemma-2, whose compensation sits inside ``post_attention_layernorm``, that
+  difference taken back through the norm to first order (below);
 * input: the UniAttn model's normed layer input ``u``;
 * solve ``min_W ||U W - T||^2 + lambda ||W||^2`` over every real token, from
   float64 normal equations ``U^T U`` and ``U^T T`` (memory O(hidden^2), any
   number of samples; ranks all-reduce them, so every rank solves the same system).
+
+Gemma-2. The spec's objective ``sum_t |(x_b - x_u) + N(a_b) - N(a_u + W u)|^2`` (``N`` the post-attention
+RMSNorm ``z / rho(z) * g``, ``g = 1 + weight``) is not linear in ``W``. ``N`` is linearised around ``a_b``,
+where ``a_u + W u`` should land when nothing has drifted: ``N(a_b + delta) ~ N(a_b) + J delta``,
+``J = G (I - n n^T) / rho`` (``n = a_b / |a_b|``, ``rho = rho(a_b)``), and the pre-norm target is
+``(a_b - a_u) + delta`` with ``delta`` the least-squares solution of ``J delta = x_b - x_u``:
+
+* least squares in the residual stream's units (``J``'s pseudo-inverse, not ``delta = rho (x_b - x_u) / g``
+  projected): the spec measures the error there, after the gain ``g``;
+* no radial part: ``N`` ignores scale, so ``J`` is singular along ``a_b``; a drift along ``a_b`` cannot be
+  undone by growing ``a`` and is not chased;
+* damped (Levenberg-Marquardt, ``GEMMA2_GAIN_DAMPING``): a channel whose gain is near zero would ask for a
+  ``delta`` far outside the range where the first-order model holds (undamped, such a model's fit ended
+  worse than ``W = 0``);
+* with no drift (``x_b == x_u``) the target is exactly ``a_b - a_u``, the drift-free target used before.
+
+Rows stay unweighted: scaling each token by ``1 / rho`` (``J``'s size) lowered the in-sample objective but
+raised the held-out stream error on tiny random models. We have no real Gemma-2 weights: the figures in
+docs/init_calc.md come from tiny random models (``python -m uniattn.tools.gemma2_init_report``), and
+tests/test_init_calc_gemma2.py checks the fit against a brute-force optimum of the true objective.
 
 ``lambda`` is relative: ``ridge * mean(diag(U^T U))``. ``--ridge auto`` chooses it per follower on
 held-out error: the calibration records are split (a salted hash of each record's question, so
@@ -195,6 +215,29 @@ def _finish(layer, r, gemma: bool):
     return r + layer.mlp(layer.post_attention_layernorm(r))
 
 
+# Levenberg-Marquardt damping of Gemma-2's target step, relative to mean(g^2). Chosen on tiny random models:
+# with every gain near 1 it costs about 0.3% of the gap to the true optimum, with a gain near 0 it keeps
+# the fit near the optimum where no damping ended worse than W = 0 (0.01 and 0.1 do nearly as well).
+GEMMA2_GAIN_DAMPING = 0.03
+GEMMA2_OBJECTIVES = ("stream", "attention")
+
+
+def gemma2_stream_target(norm, ab, au, drift, damping: float = GEMMA2_GAIN_DAMPING) -> torch.Tensor:
+    """A Gemma-2 follower's linearised pre-norm target, float64 (see the module docstring).
+
+    ``norm``: the post-attention Gemma2RMSNorm; ``ab`` / ``au``: base / UniAttn attention outputs before it
+    (``au`` without this follower's ``W_c``); ``drift``: ``x_b - x_u``, the residual streams' difference.
+    Returns ``ab - au + rho e``, ``e = argmin |g e - drift|^2 + mu |e|^2`` over ``e . ab = 0``
+    (``mu = damping * mean(g^2)``): ``e = (g drift + lam ab) / (g^2 + mu)``, ``lam`` the Lagrange multiplier.
+    """
+    ab, au, drift = ab.double(), au.double(), drift.double()
+    g = 1.0 + norm.weight.double()
+    den = g * g + damping * (g * g).mean()
+    rho = (ab.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    lam = -(ab * g * drift / den).sum(-1, keepdim=True) / (ab * ab / den).sum(-1, keepdim=True).clamp_min(1e-300)
+    return (ab - au) + rho * (g * drift + lam * ab) / den
+
+
 def _last_follower(layout, num_layers: int) -> dict[int, int]:
     """{leader: its last follower}: after that layer nobody reads the leader's state."""
     last = {}
@@ -206,7 +249,8 @@ def _last_follower(layout, num_layers: int) -> dict[int, int]:
 
 @torch.no_grad()
 def propagate(base, uni, batches, tokens="all", fit=True, ridge=DEFAULT_RIDGE, progress=True,
-              ridge_grid=DEFAULT_RIDGE_GRID, offload="device", offload_dir=None) -> list[dict]:
+              ridge_grid=DEFAULT_RIDGE_GRID, offload="device", offload_dir=None,
+              gemma2_objective="stream") -> list[dict]:
     """Run both models layer by layer over ``batches``; fit each follower's ``W_c`` when ``fit``.
 
     Every layer of either model runs once per batch, a follower's attention twice (once for its
@@ -220,7 +264,13 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=DEFAULT_RIDGE, p
     each follower's ridge is the ``ridge_grid`` value with the lowest held-out error of the
     fit-part solution (``select_ridge``), refitted on all tokens; the record adds ``ridge``,
     ``holdout_mse`` (one per grid value), ``holdout_target_mse`` (``W_c = 0``) and the token counts.
+
+    Gemma-2: ``gemma2_objective="stream"`` fits the spec's residual-stream objective, linearised (module
+    docstring; ``target_mse`` / ``fit_mse`` are then in pre-norm units); ``"attention"`` is the drift-free
+    target ``a_b - a_u`` used before, kept only to measure against.
     """
+    if gemma2_objective not in GEMMA2_OBJECTIVES:
+        raise ValueError(f"gemma2_objective {gemma2_objective!r}: choose one of {', '.join(GEMMA2_OBJECTIVES)}")
     auto = fit and ridge == "auto"
     if auto and any("holdout" not in b for b in batches):
         raise ValueError("ridge='auto' needs every batch to carry a 'holdout' row mask (make_batches(..., holdout=...))")
@@ -247,7 +297,7 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=DEFAULT_RIDGE, p
             comp = ul.self_attn.compensation
             extra, eq = {}, None
             if fit:
-                eq, eq_held = _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto)
+                eq, eq_held = _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto, gemma2_objective)
                 if auto:
                     chosen, errors = select_ridge(eq, eq_held, ridge_grid)
                     extra = {"ridge": chosen, "holdout_mse": errors, "holdout_target_mse": eq_held.target_energy(),
@@ -285,7 +335,7 @@ def propagate(base, uni, batches, tokens="all", fit=True, ridge=DEFAULT_RIDGE, p
     return report
 
 
-def _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto):
+def _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto, gemma2_objective="stream"):
     """Follower ``i``'s normal equations over every batch, all-reduced over ranks: the fit part, and with
     ``auto`` the held-out part (else None). The follower's ``W_c`` is still zero here."""
     config, comp = uni.config, ul.self_attn.compensation
@@ -301,7 +351,12 @@ def _statistics(uni, bl, ul, batches, store, i, tokens, gemma, auto):
         ab = bl.self_attn(hidden_states=bl.input_layernorm(d["xb"]), **kw)[0]
         u = ul.input_layernorm(d["xu"])
         au = ul.self_attn(u, uniattn_states=d["states"], **kw)[0] - comp(u)  # without this follower's W_c
-        target = (ab - au) if gemma else (_post_attention(bl, d["xb"], ab, gemma) - _post_attention(ul, d["xu"], au, gemma))
+        if gemma and gemma2_objective == "stream":
+            target = gemma2_stream_target(ul.post_attention_layernorm, ab, au, d["xb"] - d["xu"])
+        elif gemma:
+            target = ab - au  # "attention": the drift-free target used before, kept to measure against
+        else:
+            target = _post_attention(bl, d["xb"], ab, gemma) - _post_attention(ul, d["xu"], au, gemma)
         if auto:
             fit_part = p.real & ~p.held
             eq.add(u[fit_part], target[fit_part])

@@ -21,6 +21,7 @@ through trust_remote_code), with datasets and the hub offline: nothing is downlo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -97,6 +98,18 @@ def parse(argv: list[str]) -> tuple[Path, list[str], str | None, list[str]]:
     return ckpt, resolve_tasks(positional[1] if len(positional) > 1 else "uniattn"), limit, extra
 
 
+def _kernel_arg(ckpt: Path) -> str:
+    """``,attn_implementation=eager`` for a stock soft-capped (Gemma-2) checkpoint: transformers' default
+    SDPA drops its cap, and lm-eval's process has not imported UniAttn's fused kernel. UniAttn
+    checkpoints choose an exact kernel themselves."""
+    try:
+        config = json.loads((Path(ckpt) / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    stock_capped = config.get("attn_logit_softcapping") is not None and "superblock_size" not in config
+    return ",attn_implementation=eager" if stock_capped else ""
+
+
 def run(argv: list[str]) -> Path:
     ckpt, tasks, limit, extra = parse(argv)
     try:
@@ -115,7 +128,7 @@ def run(argv: list[str]) -> Path:
     name = f"results_limit{limit}" if limit else "results"
     with tempfile.TemporaryDirectory(prefix=".lm_eval.", dir=out_dir) as raw:
         cmd = [sys.executable, "-I", "-m", "lm_eval", "--model", "hf",
-               "--model_args", f"pretrained={ckpt},trust_remote_code=True,dtype={dtype}",
+               "--model_args", f"pretrained={ckpt},trust_remote_code=True,dtype={dtype}{_kernel_arg(ckpt)}",
                "--tasks", ",".join(tasks), "--include_path", str(TASKS_DIR), "--device", device,
                "--batch_size", batch, "--output_path", raw, *(["--limit", limit] if limit else []), *extra]
         print(f"eval: (cd {TASKS_DIR} && {' '.join(cmd)})", file=sys.stderr, flush=True)

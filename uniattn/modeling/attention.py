@@ -37,13 +37,13 @@ import torch
 from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .kernels import DECODE_MAX_QUERIES, GROUPED_FLEX, GROUPED_SDPA, grouped_apply, grouped_probs  # noqa: F401
 
 # Kernels that cannot apply Gemma-2's attention-logit soft-cap: transformers 5.17's
-# SDPA path drops the `softcap` argument silently. UniAttn models map "sdpa" to
-# "uniattn_sdpa" at construction (see core.py); this guard catches a config changed
+# SDPA path drops the `softcap` argument silently. UniAttn models map "sdpa" to one of
+# kernels.py's at construction (see core.py); this guard catches a config changed
 # behind the model's back.
 NO_SOFTCAP_KERNELS = ("sdpa", "paged|sdpa")
 
@@ -56,73 +56,6 @@ def attention_function(module: nn.Module, softcap: float | None) -> Callable:
             "use model.set_attn_implementation('eager' | 'flash_attention_2' | 'flex_attention')"
         )
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-
-
-# Queries per sequence up to which decode builds its probability rows explicitly: the rows are
-# tiny (heads x context), a leader computes them once, and its followers then read only their own
-# V cache instead of re-reading the leader's K through a fused kernel.
-DECODE_MAX_QUERIES = 16
-
-
-def _mask_scores(scores: torch.Tensor, attention_mask) -> torch.Tensor:
-    if attention_mask is None:
-        return scores
-    if attention_mask.dtype == torch.bool:  # SDPA-style masks mark the allowed positions
-        return scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    return scores + attention_mask
-
-
-def grouped_probs(query, key, attention_mask, scaling, softcap, kv_groups) -> torch.Tensor:
-    """Softmax rows ``[batch, q_heads, q_len, kv_len]`` without expanding K to every query head."""
-    b, h, q, d = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    q_grouped = query.reshape(b, kv_heads, kv_groups * q, d)  # heads of one KV group are adjacent
-    scores = torch.matmul(q_grouped, key.transpose(2, 3)).view(b, h, q, kv_len) * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        scores = _mask_scores(scores, attention_mask[..., :kv_len])
-    elif q > 1:
-        # transformers hands SDPA no mask when `is_causal` (top-left aligned) is exact; do the same.
-        causal = torch.ones(q, kv_len, dtype=torch.bool, device=scores.device).tril()
-        scores = _mask_scores(scores, causal)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-
-
-def grouped_apply(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``P @ V`` for GQA without expanding V; returns ``[batch, q_len, q_heads, head_dim]``."""
-    b, h, q, kv_len = probs.shape
-    kv_heads = value.shape[1]
-    out = torch.matmul(probs.reshape(b, kv_heads, (h // kv_heads) * q, kv_len), value.to(probs.dtype))
-    return out.view(b, h, q, -1).transpose(1, 2)
-
-
-GROUPED_SDPA = "uniattn_sdpa"
-
-
-def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           sliding_window=None, softcap=None, **kwargs):
-    """SDPA for prefill and training; explicit grouped rows (returned as the weights) for decode.
-
-    Registered as attn_implementation ``"uniattn_sdpa"`` (with SDPA's masks), so stock
-    transformers models can use it too. Decode reads K and V once per KV head instead of
-    once per query head (transformers' SDPA path expands them when a mask is present), and
-    the returned rows let UniAttn followers skip Q K^T altogether. Soft-capped models
-    (Gemma-2), which SDPA cannot serve, take the explicit path at every length.
-    """
-    q_len, kv_len = query.shape[2], key.shape[2]
-    decoding = q_len <= DECODE_MAX_QUERIES and kv_len > q_len and not module.training
-    if decoding or softcap is not None:
-        scaling = module.head_dim ** -0.5 if scaling is None else scaling
-        probs = grouped_probs(query, key, attention_mask, scaling, softcap, module.num_key_value_groups)
-        if dropout and module.training:
-            probs = nn.functional.dropout(probs, p=dropout, training=True)
-        return grouped_apply(probs, value).contiguous(), probs
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
-AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
 
 
 @dataclass
@@ -189,6 +122,8 @@ class SoftmaxAttentionMixin:
             **kwargs,
         )
         if self.is_leader:
+            # Only probability rows are handed on: flex_attention's second output is a log-sum-exp.
+            rows = attn_weights is not None and attn_weights.dim() == 4 and attn_weights.shape[-1] == key_states.shape[2]
             if uniattn_states is None:
                 raise RuntimeError("a UniAttn leader ran without the model's `uniattn_states` hand-off dict")
             uniattn_states[self.layer_idx] = LeaderState(
@@ -198,7 +133,7 @@ class SoftmaxAttentionMixin:
                 attention_mask=attention_mask,
                 scaling=self.scaling,
                 dropout=dropout,
-                probs=attn_weights,
+                probs=attn_weights if rows else None,
                 **extra,
             )
 

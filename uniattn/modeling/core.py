@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 
-from .attention import (GROUPED_SDPA, NO_SOFTCAP_KERNELS, DropFollowerAttention, FollowerAttention,
+from .attention import (GROUPED_FLEX, GROUPED_SDPA, NO_SOFTCAP_KERNELS, DropFollowerAttention, FollowerAttention,
                         KVSharingFollowerAttention)
 from .cache import make_value_only
 from .layout import FOLLOWER, LEADER, SuperBlockLayout
@@ -43,8 +43,17 @@ class UniAttnPreTrainedMixin:
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         impl = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
-        # "sdpa" becomes SDPA for prefill plus grouped explicit decode: followers then reuse the
-        # leader's probability rows, and Gemma-2's soft-cap (which SDPA drops) is honoured.
+        # "sdpa" (the default) becomes a kernel with grouped explicit decode, whose rows followers reuse:
+        # SDPA prefill, or for a soft-capped model (Gemma-2, whose cap SDPA drops) flex_attention, fused
+        # and O(T) where uniattn_sdpa would have to build every T x T matrix. Stock flex_attention is
+        # mapped too: its second output is a log-sum-exp, which a leader must not hand on as rows.
+        soft_capped = getattr(self.config, "attn_logit_softcapping", None) is not None
+        if impl == "flex_attention" or (impl in NO_SOFTCAP_KERNELS and soft_capped):
+            try:
+                self._flex_attn_can_dispatch(is_init_check)
+                return GROUPED_FLEX
+            except (ValueError, ImportError):  # a torch without flex_attention: correct, only slower
+                return GROUPED_SDPA
         return GROUPED_SDPA if impl in NO_SOFTCAP_KERNELS else impl
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):

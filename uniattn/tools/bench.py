@@ -32,8 +32,11 @@ from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig,
 
 import uniattn
 from uniattn.convert import uniattn_config_from
+from uniattn.loading import soft_capped
 from uniattn.io import write_text
 from uniattn.modeling.cache import make_value_only
+from uniattn.tools.kv_report import cache_bytes, has_window
+from uniattn.modeling.kernels import GROUPED_FLEX, GROUPED_SDPA
 
 SHAPES = {
     "llama3.1-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -85,7 +88,7 @@ def build_pair(shape: str, layout, attn: str = "sdpa"):
     """A random bf16 stock model and a UniAttn model that shares its modules (only W_c is new)."""
     cls, kw = SHAPES[shape]
     config = cls(**kw, dtype=torch.bfloat16)
-    config._attn_implementation = attn
+    config._attn_implementation = stock_kernels(config)["stock"] if attn == "sdpa" else attn
     stock_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
                    "gemma2": transformers.Gemma2ForCausalLM}[config.model_type]
     torch.manual_seed(0)
@@ -198,14 +201,14 @@ def decode_ms(model, batch, context, mode, compiled_fns) -> float:
     return cuda_median_ms(step, repeat=10, warmup=3 if mode != "compiled" else 5)
 
 
-def kv_bytes_per_token(model) -> int:
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per = cfg.num_key_value_heads * hd * 2  # bf16
-    tensors = 2 * cfg.num_hidden_layers
-    if hasattr(cfg, "superblock_layout"):
-        tensors -= len(cfg.superblock_layout.followers)
-    return tensors * per
+def kv_bytes_per_token(model, context: int) -> float:
+    """bf16 KV bytes per token at ``context`` tokens, counted on the model's own DynamicCache (kv_report's
+    accounting): sliding layers keep their window only and a follower its leader's window, so with a window
+    the figure depends on the context (the static cache reads its window buffer: one token more per layer)."""
+    return cache_bytes(model.config, context) / context
+
+
+KV_CONTEXTS = (4096, 16384, 32768)  # where a windowed model's KV per token is reported
 
 
 # ------------------------------------------------------------------ main
@@ -268,19 +271,33 @@ def main(argv=None) -> int:
     return 0
 
 
-VARIANTS = ("stock", "stock_grouped", "uniattn")  # stock SDPA, stock on UniAttn's grouped decode kernel, UniAttn
+VARIANTS = ("stock", "stock_grouped", "uniattn")  # fastest exact stock kernel, stock on UniAttn's kernel, UniAttn
+
+
+def stock_kernels(config) -> dict:
+    """The stock model's kernels: the fastest exact one, and UniAttn's.
+
+    A soft-capped model (Gemma-2) has no exact fast stock kernel in transformers 5.17: SDPA drops the
+    cap, eager builds every T x T matrix, and flex_attention under a static cache evaluates its mask
+    after the cache has advanced its position counter (see kernels.grouped_flex_mask). Both columns
+    then run UniAttn's flex kernel (flex prefill, explicit decode rows), which is exact.
+    """
+    if soft_capped(config):
+        return {"stock": GROUPED_FLEX, "stock_grouped": GROUPED_FLEX}
+    return {"stock": "sdpa", "stock_grouped": GROUPED_SDPA}
 
 
 def _run_variants(stock, uni, fn):
     """``fn(model)`` for the three variants; the stock model switches kernels in between."""
     res = {}
+    kernels = stock_kernels(stock.config)
     for name in VARIANTS:
         model = uni if name == "uniattn" else stock
         if model is stock:
-            stock.set_attn_implementation("uniattn_sdpa" if name == "stock_grouped" else "sdpa")
+            stock.set_attn_implementation(kernels[name])
         res[name] = fn(model)
         free()
-    stock.set_attn_implementation("sdpa")
+    stock.set_attn_implementation(kernels["stock"])
     return res
 
 
@@ -301,8 +318,9 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
     rows = []
     tag = f"{shape} {' '.join(map(str, layout))}"
     w_stock, w_uni = weight_bytes(stock), weight_bytes(uni)
-    kv_s, kv_u = kv_bytes_per_token(stock), kv_bytes_per_token(uni)
-    rows.append({"what": "kv_bytes_per_token", "model": tag, "stock": kv_s, "uniattn": kv_u})
+    for ctx in KV_CONTEXTS if has_window(stock.config) else KV_CONTEXTS[:1]:  # no window: any context alike
+        rows.append({"what": "kv_bytes_per_token", "model": tag, "context": ctx,
+                     "stock": kv_bytes_per_token(stock, ctx), "uniattn": kv_bytes_per_token(uni, ctx)})
     rows.append({"what": "weight_bytes", "model": tag, "stock": w_stock, "uniattn": w_uni})
     for n in ((1024, 4096, 16384) if full else (4096,)):
         ids = torch.randint(0, 1000, (1, n), device="cuda")
@@ -332,7 +350,8 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
         if time.time() > deadline:
             print("deadline reached: skipping the remaining decode points", flush=True)
             break
-        ideal_s, ideal_u = w_stock + batch * ctx * kv_s, w_uni + batch * ctx * kv_u
+        ideal_s = w_stock + batch * ctx * kv_bytes_per_token(stock, ctx)
+        ideal_u = w_uni + batch * ctx * kv_bytes_per_token(uni, ctx)
         try:
             with torch.no_grad():
                 res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, mode, compiled))
@@ -386,12 +405,13 @@ def extra(out: Path, results: dict, bw: float) -> int:
     """A training step and the compiled decode points the main part leaves out (LLaMA-3.1-8B, 4 16 33)."""
     stock, uni = build_pair("llama3.1-8b", (4, 16, 33))
     tag = "llama3.1-8b 4 16 33"
-    w_s, w_u, kv_s, kv_u = weight_bytes(stock), weight_bytes(uni), kv_bytes_per_token(stock), kv_bytes_per_token(uni)
+    w_s, w_u = weight_bytes(stock), weight_bytes(uni)
     compiled = {}
     for batch, ctx in ((16, 4096), (4, 32768)):
         with torch.no_grad():
             res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled", compiled))
-        ideal_s, ideal_u = w_s + batch * ctx * kv_s, w_u + batch * ctx * kv_u
+        ideal_s = w_s + batch * ctx * kv_bytes_per_token(stock, ctx)
+        ideal_u = w_u + batch * ctx * kv_bytes_per_token(uni, ctx)
         results["rows"].append(decode_row(tag, "compiled", batch, ctx, res, ideal_s, ideal_u, bw))
         print(results["rows"][-1], flush=True)
         write(out, results)
@@ -422,7 +442,7 @@ def largest_batch(model, context, deadline) -> int:
             free()
 
     free_bytes = torch.cuda.mem_get_info()[0]
-    estimate = max(1, int(free_bytes / (context * kv_bytes_per_token(model))))
+    estimate = max(1, int(free_bytes / (context * kv_bytes_per_token(model, context))))
     lo, hi = max(1, estimate // 2), estimate + estimate // 4 + 1
     if not fits(lo):
         return 0

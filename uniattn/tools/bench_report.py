@@ -29,12 +29,19 @@ def render(results: dict, out: Path) -> str:
     for r in rows:
         by.setdefault(r["what"], []).append(r)
     if "kv_bytes_per_token" in by:
-        lines += ["## KV cache and weights", "", "| model / layout | KV bytes per token stock | UniAttn | change | weights stock GiB | UniAttn GiB |",
-                  "|---|---|---|---|---|---|"]
+        # A windowed model has one row per context (sliding layers keep only their window, a follower its
+        # leader's); rows without a context come from runs before that and count every token in every layer.
+        lines += ["## KV cache and weights", "",
+                  "KV bytes per token (bf16) as the transformers `DynamicCache` holds them after `context` tokens "
+                  "(`uniattn.tools.kv_report`'s accounting; one row where no layer has a window; context `-`: a run "
+                  "from before that accounting, counting every token in every layer).", "",
+                  "| model / layout | context | KV bytes per token stock | UniAttn | change | weights stock GiB | UniAttn GiB |",
+                  "|---|---|---|---|---|---|---|"]
         weights = {r["model"]: r for r in by.get("weight_bytes", [])}
         for r in by["kv_bytes_per_token"]:
             w = weights.get(r["model"], {})
-            lines.append(f"| {r['model']} | {r['stock']} | {r['uniattn']} | {r['uniattn'] / r['stock'] - 1:+.2%} "
+            lines.append(f"| {r['model']} | {r.get('context', '-')} | {r['stock']:,.1f} | {r['uniattn']:,.1f} "
+                         f"| {r['uniattn'] / r['stock'] - 1:+.2%} "
                          f"| {_fmt(w.get('stock', 0) / 2**30)} | {_fmt(w.get('uniattn', 0) / 2**30)} |")
         lines.append("")
     if "prefill_ms" in by:

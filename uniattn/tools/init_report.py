@@ -19,9 +19,10 @@ import time
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..convert import load_converted
+from ..loading import load_causal_lm
 from ..data import default_data_file, load_records
 from ..init_calc import make_batches, propagate
 from .loss_eval import response_loss
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         print(f"error: --samples {max(args.samples)} would overlap the held-out records from {args.heldout_start}", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    base = load_causal_lm(model_dir, dtype=torch.float32).eval()
     test_batches = make_batches(held_out, tokenizer, args.max_length, args.batch_size)
     loss_base, n_tok = response_loss(base, tokenizer, held_out, args.max_length, args.batch_size)
 

@@ -23,10 +23,11 @@ from ..data import collate, load_records, tokenize
 
 
 def load_model(path, dtype=torch.float32, device="cpu"):
-    import uniattn  # noqa: F401  (registers UniAttn classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    from ..loading import load_causal_lm
+
+    model = load_causal_lm(path, dtype=dtype).to(device).eval()  # a Gemma-2 base keeps its soft-cap
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -9,7 +9,8 @@ optimizer steps (``--steps``) on records of the pool it never sees twice; each
 arm's learning rate is chosen on the pool's validation slices (domain + general)
 from a grid that is widened until the chosen rate is interior; then every arm
 runs with ``--seeds``. Scores: response loss on the pool's held-out domain
-(PMC-LLaMA) and general records, KV bytes after a prefill, parameters.
+(PMC-LLaMA) and general records, KV bytes after a prefill, parameters; with
+``--lm_eval`` also every item of the shipped lm-eval tasks.
 
 Arms at each frontier point, a UniAttn layout with F followers (``--frontier``):
 
@@ -231,7 +232,10 @@ class Study:
         """Train ``run`` (cached) and score it on validation and held-out records (cached), in one slot."""
         scores = self.out / "runs" / run.name / "scores.json"
         if scores.exists():
-            return json.loads(scores.read_text())
+            cached = json.loads(scores.read_text())
+            if not self.args.lm_eval or "lm_eval" in cached:
+                return cached
+            # scored before --lm_eval was asked for: a kept model is scored again, a removed one trained again
         with self.slots.take() as env:
             return self._train_and_score(run, env)
 
@@ -241,6 +245,7 @@ class Study:
         final = folder / "final"
         if not final.is_dir():
             self._may_start(f"training {run.name}")
+            (self.out / "scores" / f"{run.name}.json").unlink(missing_ok=True)  # an earlier model's, if any
             init = (self.init_calc(run.followers, run.layout, run.arm in RIDGE_AUTO_ARMS, env)
                     if run.arm in INIT_ARMS else None)
             launcher = ([self.py, "-m", "uniattn.train", "--deepspeed", ""] if self.args.launcher == "python" else
@@ -293,7 +298,26 @@ class Study:
         raw = json.loads(out.read_text())[str(model)]
         losses = {Path(f).stem: raw[f]["loss"] for f in files}
         losses["val"] = (losses["val_domain"] + losses["val_general"]) / 2
-        return {"loss": losses, "kv": raw["kv"]}
+        result = {"loss": losses, "kv": raw["kv"]}
+        if self.args.lm_eval:
+            result["lm_eval"] = self.lm_eval(model, tag, env)
+        return result
+
+    def lm_eval(self, model: Path, tag: str, env: dict | None = None) -> dict:
+        """Every item of the shipped lm-eval tasks (uniattn/eval/tasks), through ``uniattn.eval.run``:
+        per task the accuracy, its standard error and the number of items."""
+        folder = self.out / "lm_eval" / tag
+        limit = self.args.lm_eval_limit
+        path = folder / (f"results_limit{limit}.json" if limit else "results.json")
+        if not path.exists():
+            self._may_start(f"lm-eval on {tag}", finishing=True)
+            # float32, as the study trains and scores; lm-eval's own device choice follows the slot's GPU.
+            run_logged([self.py, "-m", "uniattn.eval.run", *(["--limit", str(limit)] if limit else []), str(model)],
+                       self.out / "logs" / f"lm_eval_{tag}.log", {**(env or {}), "OUT_DIR": str(folder), "DTYPE": "float32"})
+        results = json.loads(path.read_text())
+        counts = results.get("n-samples", {})
+        return {task: {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none"), "n": counts[task]["effective"]}
+                for task, r in results["results"].items() if task in counts}  # tasks, not their group averages
 
     # ------------------------------------------------------------ the whole study
     def parallel(self, runs: list[Run]) -> dict[Run, dict]:
@@ -375,6 +399,8 @@ class Study:
                 continue
             run["layout"] = tuple(run["layout"]) if run.get("layout") else None
             scores = self.out / "runs" / Run(**run).name / "scores.json"
+            if self.args.lm_eval and "lm_eval" not in res:
+                continue  # trained again, to be scored on lm-eval too
             if not scores.exists():
                 write_json(scores, res)
                 added += 1
@@ -483,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
                    help="python: one plain Trainer process per run; deepspeed: the launcher with ZeRO-2")
     p.add_argument("--keep_models", action="store_true", help="keep every trained model (default: scores only)")
+    p.add_argument("--lm_eval", action="store_true",
+                   help="also score every model on every item of the shipped lm-eval tasks (uniattn/eval/tasks); "
+                        "needs lm-eval: bash scripts/setup_env.sh eval")
+    p.add_argument("--lm_eval_limit", type=int, metavar="N",
+                   help="with --lm_eval, only the first N items of each task: a smoke check, not a figure")
     p.add_argument("--alt_layouts", nargs="+", type=_layout, default=[], metavar="G,B,E",
                    help="UniAttn (equal steps, first seed) on these layouts too: checks the layout advisor's ranking")
     p.add_argument("--seed_from", type=Path, metavar="RESULTS_JSON",
@@ -518,6 +549,13 @@ def main(argv=None) -> int:
         print(f"error: need 0 < --stage1_share < 1 (got {args.stage1_share}), --steps >= 2 (got {args.steps}), "
               f"--jobs >= 1 (got {args.jobs}) and at least one seed", file=sys.stderr)
         return 2
+    if args.lm_eval:
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            print(f"error: --lm_eval needs lm-eval, which {sys.executable} cannot import; "
+                  "run bash scripts/setup_env.sh eval", file=sys.stderr)
+            return 2
     layers = json.loads(config.read_text())["num_hidden_layers"]
     return exit_code(lambda: Study(args, layers).run())
 

@@ -137,6 +137,25 @@ def main_table(data: dict, groups: dict, base_kv: int) -> list[str]:
     return lines
 
 
+def lm_eval_table(data: dict, groups: dict) -> list[str]:
+    """Accuracy on every item of each shipped lm-eval task, mean ± seed spread, at the main point."""
+    order = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge",
+             "uniattn_short", "softmax", "cla", "drop"]
+    rows = {arm: groups.get((arm, 0 if arm in ("plain", "base") else data["main"]), {}) for arm in order}
+    rows = {arm: seeds for arm, seeds in rows.items() if seeds and all("lm_eval" in r for r in seeds.values())}
+    if not rows:
+        return []
+    tasks = sorted({t for seeds in rows.values() for r in seeds.values() for t in r["lm_eval"]})
+    counts = {t: next((r["lm_eval"][t]["n"] for seeds in rows.values() for r in seeds.values() if t in r["lm_eval"]), "?")
+              for t in tasks}
+    lines = ["| arm | " + " | ".join(f"{t.removeprefix('uniattn_')} (n={counts[t]})" for t in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for arm, seeds in rows.items():
+        cells = [_ms([r["lm_eval"][t]["acc"] for r in seeds.values() if t in r["lm_eval"]]) for t in tasks]
+        lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def verdicts(data: dict, groups: dict) -> list[str]:
     out = []
     plain = groups.get(("plain", 0), {})
@@ -267,6 +286,10 @@ def render(data: dict, advisor: dict | None = None) -> str:
     for arm, by_lr in data["validation_loss"].items():
         ordered = sorted(by_lr.items(), key=lambda kv: float(kv[0]))
         lines.append(f"| {LABELS[arm]} | {', '.join(f'{lr}: {v}' for lr, v in ordered)} | {data['chosen_lr'][arm]:g} |")
+    scored = lm_eval_table(data, groups)
+    if scored:
+        lines += ["", f"### lm-eval: accuracy on every item of the shipped tasks ({data['main']} followers; "
+                  "mean ± seed spread)", "", *scored]
     check = advisor_table(data, advisor)
     if check:
         lines += ["", f"### Layout advisor check: UniAttn with {data['main']} followers on several layouts "

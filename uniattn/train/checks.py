@@ -18,6 +18,7 @@ from ..convert import uniattn_config_from
 from ..data import IGNORE_INDEX, load_records, tokenize
 from ..eval.split import train_eval_split
 from ..init_file import load_init, read_metadata
+from ..loading import attn_implementation_for
 from .resume import RUN_FILE, CheckpointError, check_run_file, resume_point
 
 from .arguments import STAGE1_DEFAULTS, UsageError
@@ -75,6 +76,11 @@ def check_everything(script, targs: dict, config) -> Checked:
     if script.zero_init and (mode != "uniattn" or script.init_path):
         raise UsageError("--zero_init is for --mode uniattn without --init_path (W_c starts at zero)")
     _check_stage1_flags(script, targs)
+    if mode == "plain":
+        try:  # a stock soft-capped model must not get a kernel that drops the cap (UniAttn maps it itself)
+            attn_implementation_for(config, script.attn_implementation)
+        except ValueError as err:
+            raise UsageError(f"--attn_implementation: {err}") from None
     init_tensors = None
     # softmax mode: followers without W_c, unless OUTPUT_DIR holds a run begun with the frozen zero W_c
     softmax_compensation = mode == "softmax" and begun_with_compensation(out)

@@ -8,16 +8,11 @@ so DeepSpeed, accumulation, logging and checkpoints behave as in every other sta
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.utils.checkpoint
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import Trainer
 
-
-def model_type(model_dir) -> str:
-    return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", "")
+from ..loading import load_causal_lm
 
 
 # float32 values per chunk and tensor (256 MB): a chunk holds this / (batch x vocab) sequence positions
@@ -85,10 +80,8 @@ def load_teacher(script, dtype, device):
     # must stay a plain local module, so hide that config while it loads.
     saved = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    # Gemma-2's soft-cap is lost under transformers' SDPA: the teacher must run the model it is (eager).
-    attn = script.attn_implementation or ("eager" if model_type(script.model_dir) == "gemma2" else None)
-    try:
-        teacher = AutoModelForCausalLM.from_pretrained(script.model_dir, dtype=dtype, attn_implementation=attn)
+    try:  # a kernel that keeps Gemma-2's soft-cap, which transformers' default SDPA drops
+        teacher = load_causal_lm(script.model_dir, dtype=dtype, attn_implementation=script.attn_implementation)
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
     teacher.requires_grad_(False)

@@ -13,11 +13,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import uniattn  # noqa: F401  (registers the UniAttn classes, so every save carries auto_map)
 
 from ..convert import load_converted
+from ..loading import load_causal_lm
 from .distill import DistillTrainer, load_teacher
 from ..data import collate, tokenize
 from .resume import write_run_file
@@ -79,9 +80,10 @@ def _quiet(name: str):
 
 def build_model(script, stage: Stage, stages: list[Stage], dtype, init_tensors):
     if stage.name == "stage2":
-        model = AutoModelForCausalLM.from_pretrained(stages[0].final, dtype=dtype)
+        model = load_causal_lm(stages[0].final, dtype=dtype)
     elif script.mode == "plain":
-        model = AutoModelForCausalLM.from_pretrained(script.model_dir, dtype=dtype)
+        # not transformers' default: for Gemma-2 that is SDPA, which drops the soft-cap
+        model = load_causal_lm(script.model_dir, dtype=dtype, attn_implementation=script.attn_implementation)
     else:
         # load_converted checks the dropped / new keys itself; the stock load report would list them as
         # UNEXPECTED / MISSING and alarm the reader for nothing.
