@@ -212,6 +212,16 @@ KV_CONTEXTS = (4096, 16384, 32768)  # where a windowed model's KV per token is r
 
 
 # ------------------------------------------------------------------ main
+def gpu_driver() -> str:
+    """The NVIDIA driver version (one line: every GPU of a host runs the same driver)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        out = []
+    return out[0] if out else "unknown"
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -239,8 +249,7 @@ def main(argv=None) -> int:
     results = {"env": {
         "command": "python -m uniattn.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True).stdout.strip(),
+        "driver": gpu_driver(),
         "commit": git_rev(),
     }, "rows": []}
     bw = copy_bandwidth()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import subprocess
 import sys
 import time
 
@@ -22,7 +21,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from .bench import SHAPES, build_pair, cuda_median_ms, free, train_step_ms
+from .bench import SHAPES, build_pair, cuda_median_ms, free, gpu_driver, train_step_ms
 
 
 def prefill_point(model, tokens: int) -> tuple[float, float]:
@@ -41,15 +40,6 @@ def prefill_point(model, tokens: int) -> tuple[float, float]:
     return cuda_median_ms(run, repeat=5, warmup=1), peak
 
 
-def driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        out = []
-    return out[0] if out else "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="gemma2-9b", choices=[s for s in SHAPES if s.startswith("gemma2")])
@@ -63,7 +53,7 @@ def main(argv=None) -> int:
         return 2
     deadline = time.monotonic() + 60 * args.minutes
     stock, uni = build_pair(args.shape, tuple(args.layout))
-    print(f"{torch.cuda.get_device_name()}, driver {driver()}, "
+    print(f"{torch.cuda.get_device_name()}, driver {gpu_driver()}, "
           f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{args.shape} shapes, layout {' '.join(map(str, args.layout))}, bf16, random weights")
     print(f"kernels: stock {stock.config._attn_implementation}, UniAttn {uni.config._attn_implementation}\n")

@@ -229,8 +229,6 @@ def kv_and_params(model, tokens: int = 256, batch: int = 1) -> dict:
 
 
 def measure(path, tokens: int, batch: int) -> dict:
-    import uniattn  # noqa: F401
-
     model = load_causal_lm(path, dtype=torch.float32).eval()  # an exact kernel for a Gemma-2 base, as every tool
     return kv_and_params(model, tokens, batch)
 

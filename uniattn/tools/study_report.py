@@ -34,6 +34,11 @@ LABELS = {
 SETS = ("heldout_domain", "heldout_general")
 
 
+# the rows of the main-point tables, references first
+ARM_ORDER = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge",
+             "uniattn_short", "softmax", "cla", "drop"]
+
+
 def _ms(values: list[float]) -> str:
     if not values:
         return "-"
@@ -119,9 +124,7 @@ def main_table(data: dict, groups: dict, base_kv: int) -> list[str]:
              "|---" * 10 + "|"]
     plain = groups.get(("plain", 0), {})
     uni = groups.get(("uniattn", main), {})
-    order = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge",
-             "uniattn_short", "softmax", "cla", "drop"]
-    for arm in order:
+    for arm in ARM_ORDER:
         seeds = groups.get((arm, 0 if arm in ("plain", "base") else main))
         if not seeds:
             continue
@@ -139,9 +142,7 @@ def main_table(data: dict, groups: dict, base_kv: int) -> list[str]:
 
 def lm_eval_table(data: dict, groups: dict) -> list[str]:
     """Accuracy on every item of each shipped lm-eval task, mean ± seed spread, at the main point."""
-    order = ["base", "plain", "uniattn", "uniattn_seed", "uniattn_wc0", "uniattn_kl", "uniattn_kl_vo", "uniattn_ridge",
-             "uniattn_short", "softmax", "cla", "drop"]
-    rows = {arm: groups.get((arm, 0 if arm in ("plain", "base") else data["main"]), {}) for arm in order}
+    rows = {arm: groups.get((arm, 0 if arm in ("plain", "base") else data["main"]), {}) for arm in ARM_ORDER}
     rows = {arm: seeds for arm, seeds in rows.items() if seeds and all("lm_eval" in r for r in seeds.values())}
     if not rows:
         return []
