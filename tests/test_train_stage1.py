@@ -154,9 +154,19 @@ def test_stage_plan_records_are_the_split(work, tmp_path):
     script, targs, config = parse_args(argv(work, tmp_path / "out", "--stage1_share", 0.3, "--max_steps", -1))
     plan = check_everything(script, targs, config).plan
     assert plan["stage1"]["max_steps"] is None and len(plan["stage1"]["records"]) == len(first)
-    script, targs, config = parse_args(argv(work, tmp_path / "out"))
+    # 'seed': the seed's protocol, both stages every record and the whole schedule
+    script, targs, config = parse_args(argv(work, tmp_path / "out", "--stage1_share", "seed", "--max_steps", 10))
     plan = check_everything(script, targs, config).plan
     assert plan["stage1"]["records"] == plan["stage2"]["records"] == records
+    assert plan["stage1"]["max_steps"] is plan["stage2"]["max_steps"] is None and script.stage1_share is None
+    # the default, 0.1, gives each stage at least one step and one record even where 0.1 rounds to 0
+    for steps, want in ((10, (1, 9)), (4, (1, 3)), (30, (3, 27))):
+        script, targs, config = parse_args(argv(work, tmp_path / "out", "--max_steps", steps, "--seed", 5))
+        plan = check_everything(script, targs, config).plan
+        assert script.stage1_share == 0.1 and (plan["stage1"]["max_steps"], plan["stage2"]["max_steps"]) == want
+    first, second = split_records(len(records), 0.1, 5, exact=False)
+    assert len(first) == max(1, round(0.1 * len(records))) and plan["stage1"]["records"] == [records[i] for i in first]
+    assert plan["stage2"]["records"] == [records[i] for i in second]
     assert not (tmp_path / "out").exists()
 
 
@@ -243,14 +253,20 @@ def test_bad_stage1_arguments(work, tmp_path, capsys):
     fails(capsys, argv(work, out, "--stage1_share", "0.1", "--max_steps", "4"),
           "--stage1_share 0.1 of --max_steps 4 gives stage 1 0 and stage 2 4", "at least 1")
     fails(capsys, argv(work, out, "--stage1_share", "0.01"), "gives stage 1 0 and stage 2", "records")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own exit: usage line, then the message
+        train_main(argv(work, out, "--stage1_share", "half"))
+    assert exit_info.value.code == 2 and "'half' is neither a share in (0, 1) such as 0.1 nor 'seed'" in capsys.readouterr().err
+    fails(capsys, argv(work, out, "--max_steps", "1"), "--stage1_share 0.1 of --max_steps 1", "--stage1_share seed")
+    fails(capsys, argv(work, out, "--stage1_objective", "kl", "--stage1_data", str(work["other"]), "--max_steps", "-1"),
+          "(the default)", "needs --max_steps N", "--stage1_share seed")
     fails(capsys, argv(work, out, "--stage1_data", str(work["other"])), "--stage1_data", "add --stage1_objective kl")
     fails(capsys, argv(work, out, "--stage1_objective", "kl", "--stage1_data", str(work["other"]), "--stage1_share",
                        "0.5", "--max_steps", "-1"), "needs --max_steps N")
     missing = tmp_path / "nope.json"
-    fails(capsys, argv(work, out, "--stage1_objective", "kl", "--stage1_data", missing), str(missing), "does not exist")
+    fails(capsys, argv(work, out, "--stage1_objective", "kl", "--stage1_data", missing, "--max_steps", 4), str(missing), "does not exist")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": \n')
-    fails(capsys, argv(work, out, "--stage1_objective", "kl", "--stage1_data", bad), str(bad), "line 2",
+    fails(capsys, argv(work, out, "--stage1_objective", "kl", "--stage1_data", bad, "--max_steps", 4), str(bad), "line 2",
           "not valid JSON")
     with pytest.raises(SystemExit) as exit_info:  # argparse: the choices are listed
         train_main(argv(work, out, "--stage1_objective", "mse"))
@@ -277,5 +293,6 @@ def test_resume_refuses_other_stage1_settings(work, kl_run, tmp_path, capsys):
     old.mkdir()
     saved = {k: info(kl_run / "final")[k] for k in ("mode", "model_dir", "data", "superblock", "init_path")}
     (old / "uniattn_run.json").write_text(json.dumps(saved))
-    assert train_main(argv(work, old, "--check_only")) == 0
+    assert train_main(argv(work, old, "--check_only")) == 0  # the default share does not apply to it
+    fails(capsys, argv(work, old, "--stage1_share", "0.1", "--check_only"), "stage1_share: there None, now 0.1")
     fails(capsys, argv(work, old, "--stage1_objective", "kl"), "stage1_objective: there 'lm', now 'kl'")

@@ -52,8 +52,9 @@ ARMS = ("base", "plain", "softmax", "uniattn", "uniattn_wc0", "cla")
 ARM_FLAGS = {
     "plain": ["--mode", "plain"],
     "softmax": ["--mode", "softmax"],
-    "uniattn": ["--mode", "uniattn"],  # + --init_path
-    "uniattn_wc0": ["--mode", "uniattn", "--zero_init"],
+    # the seed's protocol (two full stages), as this miniature was measured
+    "uniattn": ["--mode", "uniattn", "--stage1_share", "seed"],  # + --init_path
+    "uniattn_wc0": ["--mode", "uniattn", "--zero_init", "--stage1_share", "seed"],
     "cla": ["--mode", "cla"],
 }
 VAL_SALT = "uniattn-experiment-validation-v1"

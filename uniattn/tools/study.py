@@ -83,7 +83,7 @@ def arm_flags(arm: str, init: Path | None, share: float) -> list[str]:
         "plain": ["--mode", "plain"],
         "softmax": ["--mode", "softmax"],
         "uniattn": ["--mode", "uniattn", "--init_path", str(init), *equal],
-        "uniattn_seed": ["--mode", "uniattn", "--init_path", str(init)],
+        "uniattn_seed": ["--mode", "uniattn", "--init_path", str(init), "--stage1_share", "seed"],
         "uniattn_wc0": ["--mode", "uniattn", "--zero_init", *equal],
         "uniattn_kl": ["--mode", "uniattn", "--init_path", str(init), "--stage1_objective", "kl", *equal],
         "uniattn_kl_vo": ["--mode", "uniattn", "--init_path", str(init), "--stage1_objective", "kl",
@@ -311,9 +311,12 @@ class Study:
         path = folder / (f"results_limit{limit}.json" if limit else "results.json")
         if not path.exists():
             self._may_start(f"lm-eval on {tag}", finishing=True)
-            # float32, as the study trains and scores; lm-eval's own device choice follows the slot's GPU.
+            # float32, as the study trains and scores; lm-eval's own device choice follows the slot's GPU. A fixed
+            # batch: lm-eval's "auto" probes for all free memory, which the other jobs on that GPU are using.
             run_logged([self.py, "-m", "uniattn.eval.run", *(["--limit", str(limit)] if limit else []), str(model)],
-                       self.out / "logs" / f"lm_eval_{tag}.log", {**(env or {}), "OUT_DIR": str(folder), "DTYPE": "float32"})
+                       self.out / "logs" / f"lm_eval_{tag}.log",
+                       {**(env or {}), "OUT_DIR": str(folder), "DTYPE": "float32",
+                        "BATCH_SIZE": os.environ.get("BATCH_SIZE") or "32"})
         results = json.loads(path.read_text())
         counts = results.get("n-samples", {})
         return {task: {"acc": r["acc,none"], "acc_stderr": r.get("acc_stderr,none"), "n": counts[task]["effective"]}

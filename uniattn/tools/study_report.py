@@ -140,21 +140,54 @@ def main_table(data: dict, groups: dict, base_kv: int) -> list[str]:
     return lines
 
 
+def _task_mean(res: dict) -> float:
+    """One model's accuracy averaged over the tasks (each task weighs the same, whatever its item count)."""
+    return statistics.mean(r["acc"] for r in res["lm_eval"].values())
+
+
+def _paired_mean(seeds: dict, ref: dict) -> str:
+    d = [_task_mean(seeds[s]) - _task_mean(ref[s]) for s in sorted(set(seeds) & set(ref), key=str)]
+    return f"{statistics.mean(d):+.3f} ± {_sd(d):.3f} (n={len(d)})" if d and seeds is not ref else "-"
+
+
+def _scored(groups: dict, key) -> dict:
+    seeds = groups.get(key, {})
+    return seeds if seeds and all("lm_eval" in r for r in seeds.values()) else {}
+
+
 def lm_eval_table(data: dict, groups: dict) -> list[str]:
-    """Accuracy on every item of each shipped lm-eval task, mean ± seed spread, at the main point."""
-    rows = {arm: groups.get((arm, 0 if arm in ("plain", "base") else data["main"]), {}) for arm in ARM_ORDER}
-    rows = {arm: seeds for arm, seeds in rows.items() if seeds and all("lm_eval" in r for r in seeds.values())}
+    """Accuracy on every item of each shipped lm-eval task, mean ± seed spread, at the main point; the mean over
+    tasks with its paired difference to plain FT."""
+    rows = {arm: _scored(groups, (arm, 0 if arm in ("plain", "base") else data["main"])) for arm in ARM_ORDER}
+    rows = {arm: seeds for arm, seeds in rows.items() if seeds}
     if not rows:
         return []
     tasks = sorted({t for seeds in rows.values() for r in seeds.values() for t in r["lm_eval"]})
     counts = {t: next((r["lm_eval"][t]["n"] for seeds in rows.values() for r in seeds.values() if t in r["lm_eval"]), "?")
               for t in tasks}
-    lines = ["| arm | " + " | ".join(f"{t.removeprefix('uniattn_')} (n={counts[t]})" for t in tasks) + " |",
-             "|---" * (len(tasks) + 1) + "|"]
+    lines = ["| arm | " + " | ".join(f"{t.removeprefix('uniattn_')} (n={counts[t]})" for t in tasks)
+             + " | mean of tasks | mean vs plain (paired) |", "|---" * (len(tasks) + 3) + "|"]
+    plain = rows.get("plain", {})
     for arm, seeds in rows.items():
         cells = [_ms([r["lm_eval"][t]["acc"] for r in seeds.values() if t in r["lm_eval"]]) for t in tasks]
+        cells += [_ms([_task_mean(r) for r in seeds.values()]), _paired_mean(seeds, plain) if arm != "base" else "-"]
         lines.append(f"| {LABELS[arm]} | " + " | ".join(cells) + " |")
     return lines
+
+
+def lm_eval_frontier(data: dict, groups: dict, base_kv: int) -> list[str]:
+    """The mean lm-eval accuracy over tasks of every frontier arm at every point that was scored."""
+    plain = _scored(groups, ("plain", 0))
+    lines = ["| arm | F (UniAttn-equivalent) | layout | KV saving | mean of tasks | vs plain (paired) |", "|---" * 6 + "|"]
+    keys = sorted((k for k in groups if k[0] not in ("base", "plain") and _scored(groups, k)),
+                  key=lambda k: (k[1], ARM_ORDER.index(k[0])))
+    for arm, f in keys:
+        seeds = groups[(arm, f)]
+        res = next(iter(seeds.values()))
+        layout = " ".join(map(str, res["layout"])) if res["layout"] else "-"
+        lines.append(f"| {LABELS[arm]} | {f} | {layout} | {kv_saving(res, base_kv):.1%} | "
+                     f"{_ms([_task_mean(r) for r in seeds.values()])} | {_paired_mean(seeds, plain)} |")
+    return lines if keys else []
 
 
 def verdicts(data: dict, groups: dict) -> list[str]:
@@ -287,10 +320,14 @@ def render(data: dict, advisor: dict | None = None) -> str:
     for arm, by_lr in data["validation_loss"].items():
         ordered = sorted(by_lr.items(), key=lambda kv: float(kv[0]))
         lines.append(f"| {LABELS[arm]} | {', '.join(f'{lr}: {v}' for lr, v in ordered)} | {data['chosen_lr'][arm]:g} |")
+    fixed = {arm: lr for arm, lr in data["chosen_lr"].items() if arm not in data["validation_loss"]}
+    if fixed:
+        lines += ["", "Not searched here (fixed with `--lr_for`): " + ", ".join(f"{LABELS[a]} {lr:g}" for a, lr in fixed.items())]
     scored = lm_eval_table(data, groups)
     if scored:
         lines += ["", f"### lm-eval: accuracy on every item of the shipped tasks ({data['main']} followers; "
-                  "mean ± seed spread)", "", *scored]
+                  "mean ± seed spread)", "", *scored, "", "### lm-eval: mean accuracy over the tasks at every point",
+                  "", *lm_eval_frontier(data, groups, base_kv)]
     check = advisor_table(data, advisor)
     if check:
         lines += ["", f"### Layout advisor check: UniAttn with {data['main']} followers on several layouts "

@@ -75,6 +75,7 @@ def check_everything(script, targs: dict, config) -> Checked:
         raise UsageError(f"--init_path is only used by --mode uniattn, not {mode}")
     if script.zero_init and (mode != "uniattn" or script.init_path):
         raise UsageError("--zero_init is for --mode uniattn without --init_path (W_c starts at zero)")
+    _keep_protocol_of_begun_run(script, out)
     _check_stage1_flags(script, targs)
     if mode == "plain":
         try:  # a stock soft-capped model must not get a kernel that drops the cap (UniAttn maps it itself)
@@ -162,6 +163,21 @@ def begun_with_compensation(out: Path) -> bool:
     return isinstance(saved, dict) and saved.get("mode") == "softmax" and saved.get("compensation", True) is True
 
 
+def _keep_protocol_of_begun_run(script, out: Path) -> None:
+    """A UniAttn run begun under the seed's protocol (explicitly, or before the default became a share)
+    resumes under it when --stage1_share is not passed, rather than refusing to resume."""
+    if script.mode != "uniattn" or "stage1_share" in script.stage1_given:
+        return
+    try:
+        saved = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return  # no run yet, or an unreadable run file (check_run_file reports that)
+    if isinstance(saved, dict) and saved.get("mode") == "uniattn" and saved.get("stage1_share") is None:
+        logger.info("%s was begun with the seed's protocol (both stages the whole schedule): it continues so; "
+                    "for the equal-steps protocol start a new OUTPUT_DIR with --stage1_share F", out)
+        script.stage1_share = None
+
+
 def _check_stage1_flags(script, targs: dict) -> None:
     """The stage-1 options: only for --mode uniattn, and each value in range (nothing is read yet)."""
     given = script.stage1_given
@@ -186,24 +202,34 @@ def _check_stage1_flags(script, targs: dict) -> None:
         raise UsageError(f"--stage1_data {script.stage1_data} is read without labels, for distillation: add "
                          "--stage1_objective kl, or drop --stage1_data to train stage 1 on the training data")
     steps = targs.get("max_steps") or -1
+    asked = "stage1_share" in script.stage1_given
     if share is not None and steps > 0:
-        first = round(share * steps)
+        first = part_size(share, steps, asked)
         if first < 1 or steps - first < 1:
             raise UsageError(f"--stage1_share {share} of --max_steps {steps} gives stage 1 {first} and stage 2 "
-                             f"{steps - first} optimizer steps; each stage needs at least 1: raise --max_steps "
-                             "or choose a share nearer 0.5")
+                             f"{steps - first} optimizer steps; each stage needs at least 1: raise --max_steps, "
+                             "choose a share nearer 0.5, or pass --stage1_share seed (both stages the whole schedule)")
     if share is not None and script.stage1_data and steps <= 0:
-        raise UsageError(f"--stage1_share {share} with --stage1_data splits the optimizer steps only (stage 1 has "
-                         "its own records), so it needs --max_steps N; or drop --stage1_data to split the records")
+        raise UsageError(f"--stage1_share {share}{'' if asked else ' (the default)'} with --stage1_data splits the "
+                         "optimizer steps only (stage 1 has its own records), so it needs --max_steps N; or drop "
+                         "--stage1_data to split the records, or pass --stage1_share seed (both stages the whole "
+                         "schedule)")
 
 
-def split_records(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of the stage-1 and stage-2 parts: a permutation seeded by ``seed``, round(share * n) for stage 1.
+def part_size(share: float, n: int, exact: bool = True) -> int:
+    """Stage 1's part of ``n`` steps or records: round(share * n); unless ``exact`` (the default share, not
+    asked for), at least 1 and at most n - 1 where n allows, so a short run still has both stages."""
+    first = round(share * n)
+    return first if exact or n < 2 else min(max(first, 1), n - 1)
+
+
+def split_records(n: int, share: float, seed: int, exact: bool = True) -> tuple[list[int], list[int]]:
+    """Indices of the stage-1 and stage-2 parts: a permutation seeded by ``seed``, ``part_size`` for stage 1.
 
     Disjoint, together every index once; each part in the original order."""
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    first = round(share * n)
+    first = part_size(share, n, exact)
     return sorted(order[:first]), sorted(order[first:])
 
 
@@ -214,12 +240,13 @@ def _plan_stage_data(script, targs: dict, records: list) -> dict:
     steps = targs.get("max_steps") or -1
     share = script.stage1_share
     first, second = records, records
+    exact = "stage1_share" in script.stage1_given
     if share is not None and not script.stage1_data:
-        one, two = split_records(len(records), share, targs["seed"])
+        one, two = split_records(len(records), share, targs["seed"], exact)
         if not one or not two:
             raise UsageError(f"--stage1_share {share} of the {len(records)} training records of {script.data} gives "
                              f"stage 1 {len(one)} and stage 2 {len(two)} records; each stage needs at least 1: "
-                             "use more records or a share nearer 0.5")
+                             "use more records, a share nearer 0.5, or --stage1_share seed (both stages every record)")
         first, second = [records[i] for i in one], [records[i] for i in two]
     if script.stage1_data:
         first = load_records(script.stage1_data)  # DataError names the file, the record and the fix
@@ -230,7 +257,7 @@ def _plan_stage_data(script, targs: dict, records: list) -> dict:
                                  "(uniattn.eval.split); pass --include_eval_items to use them anyway")
         logger.info("stage 1 distils on %d records of %s", len(first), script.stage1_data)
     if share is not None and steps > 0:
-        s1 = round(share * steps)
+        s1 = part_size(share, steps, exact)
         budget = {"stage1": s1, "stage2": steps - s1}
     else:
         budget = {"stage1": None, "stage2": None}
