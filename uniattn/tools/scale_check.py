@@ -138,6 +138,14 @@ def losses(final: Path) -> list[list]:
     return rows
 
 
+def steps_taken(final: Path) -> int:
+    """Optimizer steps of every stage of a run, as each stage recorded them (uniattn's stage 1 takes the
+    share --stage1_share gives it, or the whole schedule under the seed's protocol)."""
+    paths = [final.parent / "stage1" / "final", final]
+    return sum(json.loads((p / "uniattn_train.json").read_text())["global_step"]
+               for p in paths if (p / "uniattn_train.json").is_file())
+
+
 def train(args, out: Path, mode: str, zero: int, n: int, init: Path) -> dict:
     name = f"{mode}_z{zero}_n{n}"
     run = out / "runs" / name
@@ -152,8 +160,7 @@ def train(args, out: Path, mode: str, zero: int, n: int, init: Path) -> dict:
         logger.error("%s failed: %s", name, err)
         return {**row, "error": str(err)[-500:]}
     row["losses"] = losses(run / "final")
-    stages = 2 if mode == "uniattn" else 1
-    records = stages * args.steps * args.effective_batch_size
+    records = steps_taken(run / "final") * args.effective_batch_size
     seconds = row["train_s"] or row["wall_s"]
     row["records_per_s"] = round(records / seconds, 3)
     return row
@@ -265,7 +272,7 @@ def markdown(result: dict) -> str:
              "| init calc n | seconds | max rel. diff of W_c vs first n |", "|---|---|---|"]
     lines += [f"| {r['n']} | {r['wall_s']:.1f} | {r['max_rel_diff']:.2e} |" for r in result["init"]]
     lines += ["", "Records/s: optimizer steps x effective batch / the Trainer's train_runtime (both stages for "
-              "uniattn); speed-up and loss difference against the first n.", "",
+              "uniattn, each its own steps); speed-up and loss difference against the first n.", "",
               "| mode | ZeRO | n | wall s | records/s | speed-up | max abs loss diff per step | last loss | "
               "held-out loss | reload + generate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
