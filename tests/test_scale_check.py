@@ -74,11 +74,18 @@ def test_one_and_two_processes_agree(checked):
         assert [(stage, step) for stage, step, _ in row["losses"]] == [(s, i) for s, n in steps.items()
                                                                        for i in range(1, n + 1)]
         assert all(loss > 0 for _, _, loss in row["losses"])  # every batch had response tokens
+        # uniattn.train.step_stats through --trainer_callback: every stage's throughput and peak memory
+        stages_run = {"stage1", "stage2"} if row["mode"] == "uniattn" else {"train"}
+        assert set(row["stats"]) == stages_run, row["stats"]
+        for st in row["stats"].values():
+            assert st["steps"] == steps["stage1" if st is row["stats"].get("stage1") else "final"]
+            assert st["tokens_per_s_per_device"] > 0 and st["median_step_s"] > 0 and st["mfu"] is None
+            assert 0.1 < st["peak_gib_per_device"] < 24 and st["peak_kind"] == "peak_rss_gib"
     kill = result["kill_resume"]
     assert kill["killed"] and kill["resumed"] and kill["equal"], kill
     assert not checked["leaked"], f"left in /dev/shm: {sorted(checked['leaked'])}"
     md = (checked["out"] / "scale_check.md").read_text()
-    assert "| uniattn | 2 | 2 |" in md and "resumed True" in md
+    assert "| uniattn | 2 | 2 |" in md and "resumed True" in md and "| uniattn | 2 | 2 | stage2 |" in md
 
 
 def test_a_rerun_skips_finished_runs(checked):

@@ -30,6 +30,7 @@ import torch
 
 from ..io import write_json, write_text
 from ..net import free_port
+from ..train.step_stats import summarise
 from .bench import gpu_driver
 from .experiment import REPO, device_name, run_logged, versions
 
@@ -53,6 +54,9 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, default=64, help="init-calc calibration records")
     p.add_argument("--extra_args", default="", help="more uniattn.train flags for every run, e.g. '--warmup_steps 0'")
     p.add_argument("--kill_resume", action="store_true")
+    p.add_argument("--peak_tflops", type=float, default=989.0,
+                   help="the accelerator's dense peak for MFU (989: H100 / H200 SXM, bf16); MFU = 6 x parameters "
+                        "x tokens/s per device / peak, so it means something for bf16 runs (--extra_args '--bf16 True')")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
@@ -93,7 +97,10 @@ def train_flags(args, n: int, zero: int, save_steps: int) -> str:
     return (f"--max_steps {args.steps} --logging_steps 1 --save_steps {save_steps} --seed 0 --bf16 False "
             f"--effective_batch_size {args.effective_batch_size} "
             f"--per_device_train_batch_size {args.effective_batch_size // n} --max_length {args.max_length} "
-            f"--deepspeed configs/ds_zero{zero}.json {args.extra_args}")
+            f"--deepspeed configs/ds_zero{zero}.json "
+            # per-step time, tokens and peak memory of every rank (uniattn.train.step_stats)
+            "--trainer_callback uniattn.train.step_stats:StepStats --include_num_input_tokens_seen true "
+            f"{args.extra_args}")
 
 
 def timed_run(cmd, log: Path, env, timing: Path) -> dict:
@@ -146,6 +153,33 @@ def steps_taken(final: Path) -> int:
                for p in paths if (p / "uniattn_train.json").is_file())
 
 
+def parameters(final: Path) -> int:
+    """Parameter count of a saved checkpoint, from the safetensors headers (nothing is loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in final.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def stage_stats(args, run: Path, mode: str) -> dict:
+    """Per stage: median step time, tokens/s per device, MFU (on a GPU) and the largest rank's peak memory."""
+    dirs = {"stage1": run / "stage1", "stage2": run / "stage2"} if mode == "uniattn" else {"train": run}
+    n_params = parameters(run / "final")
+    out = {}
+    for name, folder in dirs.items():
+        stats = summarise(folder)
+        if stats:
+            stats["mfu"] = (6 * n_params * stats["tokens_per_s_per_device"] / (args.peak_tflops * 1e12)
+                            if torch.cuda.is_available() else None)
+            out[name] = stats
+    return out
+
+
 def train(args, out: Path, mode: str, zero: int, n: int, init: Path) -> dict:
     name = f"{mode}_z{zero}_n{n}"
     run = out / "runs" / name
@@ -160,6 +194,7 @@ def train(args, out: Path, mode: str, zero: int, n: int, init: Path) -> dict:
         logger.error("%s failed: %s", name, err)
         return {**row, "error": str(err)[-500:]}
     row["losses"] = losses(run / "final")
+    row["stats"] = stage_stats(args, run, mode)
     records = steps_taken(run / "final") * args.effective_batch_size
     seconds = row["train_s"] or row["wall_s"]
     row["records_per_s"] = round(records / seconds, 3)
@@ -283,6 +318,16 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['mode']} | {r['zero']} | {r['n']} | {r['wall_s']:.1f} | {r['records_per_s']:.2f} | "
                      f"{r.get('speedup', 0):.2f}x | {'n/a' if diff is None else f'{diff:.2e}'} | "
                      f"{r['losses'][-1][2]:.4f} | {r['heldout_loss']:.4f} | {r['generate']} |")
+    lines += ["", "Per stage, steps after the first: median step time, input tokens/s per device (padding included), "
+              "MFU = 6 x parameters x tokens/s per device / peak (GPU only), the largest rank's peak memory "
+              "(GPU: allocated; CPU: resident).", "",
+              "| mode | ZeRO | n | stage | median step s | tokens/s per device | MFU | peak GiB per device |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        for stage, st in r.get("stats", {}).items():
+            mfu = "-" if st["mfu"] is None else f"{st['mfu']:.1%}"
+            lines.append(f"| {r['mode']} | {r['zero']} | {r['n']} | {stage} | {st['median_step_s']:.3f} | "
+                         f"{st['tokens_per_s_per_device']:.0f} | {mfu} | {st['peak_gib_per_device']:.2f} |")
     kr = result.get("kill_resume")
     if kr:
         lines += ["", f"Kill and resume (uniattn, ZeRO-{kr['zero']}, n={kr['n']}): killed {kr['killed']}, "
