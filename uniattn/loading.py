@@ -12,11 +12,7 @@ from __future__ import annotations
 import torch
 
 from .modeling.attention import NO_SOFTCAP_KERNELS
-from .modeling.kernels import GROUPED_FLEX, GROUPED_SDPA
-
-
-def soft_capped(config) -> bool:
-    return getattr(config, "attn_logit_softcapping", None) is not None
+from .modeling.kernels import GROUPED_FLEX, GROUPED_SDPA, soft_capped  # noqa: F401  (soft_capped: for the tools)
 
 
 def attn_implementation_for(config, requested: str | None = None) -> str | None:

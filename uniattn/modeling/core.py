@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache
 from .attention import (GROUPED_FLEX, GROUPED_SDPA, NO_SOFTCAP_KERNELS, DropFollowerAttention, FollowerAttention,
                         KVSharingFollowerAttention)
 from .cache import make_value_only
+from .kernels import soft_capped
 from .layout import FOLLOWER, LEADER, SuperBlockLayout
 
 
@@ -47,8 +48,7 @@ class UniAttnPreTrainedMixin:
         # SDPA prefill, or for a soft-capped model (Gemma-2, whose cap SDPA drops) flex_attention, fused
         # and O(T) where uniattn_sdpa would have to build every T x T matrix. Stock flex_attention is
         # mapped too: its second output is a log-sum-exp, which a leader must not hand on as rows.
-        soft_capped = getattr(self.config, "attn_logit_softcapping", None) is not None
-        if impl == "flex_attention" or (impl in NO_SOFTCAP_KERNELS and soft_capped):
+        if impl == "flex_attention" or (impl in NO_SOFTCAP_KERNELS and soft_capped(self.config)):
             try:
                 self._flex_attn_can_dispatch(is_init_check)
                 return GROUPED_FLEX

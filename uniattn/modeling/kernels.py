@@ -39,6 +39,11 @@ GROUPED_SDPA = "uniattn_sdpa"
 GROUPED_FLEX = "uniattn_flex_attention"  # contains "flex_attention": transformers checks torch can run it
 
 
+def soft_capped(config) -> bool:
+    """Whether ``config``'s attention logits are soft-capped (Gemma-2), which SDPA cannot do."""
+    return getattr(config, "attn_logit_softcapping", None) is not None
+
+
 def _mask_scores(scores: torch.Tensor, attention_mask) -> torch.Tensor:
     if attention_mask is None:
         return scores

@@ -28,27 +28,21 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig, StaticCache
+from transformers import DynamicCache, MistralConfig, StaticCache
 
 import uniattn
 from uniattn.convert import uniattn_config_from
 from uniattn.loading import soft_capped
 from uniattn.io import write_text
 from uniattn.modeling.cache import make_value_only
-from uniattn.tools.kv_report import cache_bytes, has_window
+from uniattn.tools.kv_report import PRESETS, cache_bytes, has_window
 from uniattn.modeling.kernels import GROUPED_FLEX, GROUPED_SDPA
 
+# kv_report's shape presets, except that the benchmark's Mistral is v0.2 / v0.3, without the sliding window
 SHAPES = {
-    "llama3.1-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                                      max_position_embeddings=131072)),
-    "mistral-7b": (MistralConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                                       sliding_window=None, max_position_embeddings=32768)),
-    "gemma2-9b": (Gemma2Config, dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-                                     num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
-                                     query_pre_attn_scalar=256, sliding_window=4096, max_position_embeddings=8192)),
+    "llama3.1-8b": PRESETS["llama3.1-8b"],
+    "mistral-7b": (MistralConfig, {**PRESETS["mistral-7b"][1], "sliding_window": None}),
+    "gemma2-9b": PRESETS["gemma2-9b"],
 }
 
 

@@ -58,6 +58,7 @@ PRESETS = {
                                        sliding_window=4096, max_position_embeddings=32768)),
     "llama3.1-8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
                                       max_position_embeddings=131072)),
 }
 

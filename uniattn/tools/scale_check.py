@@ -135,22 +135,11 @@ def max_rel_diff(a_path, b_path) -> float:
                for k in b)
 
 
-def losses(final: Path) -> list[list]:
-    """[stage, step, loss] rows of a run: uniattn's stage 1 first, then the last stage."""
-    rows = []
-    for stage, path in (("stage1", final.parent / "stage1" / "final"), ("final", final)):
-        if (path / "uniattn_train.json").is_file():
-            info = json.loads((path / "uniattn_train.json").read_text())
-            rows += [[stage, step, loss] for step, loss in info["logged_losses"]]
-    return rows
-
-
-def steps_taken(final: Path) -> int:
-    """Optimizer steps of every stage of a run, as each stage recorded them (uniattn's stage 1 takes the
-    share --stage1_share gives it, or the whole schedule under the seed's protocol)."""
-    paths = [final.parent / "stage1" / "final", final]
-    return sum(json.loads((p / "uniattn_train.json").read_text())["global_step"]
-               for p in paths if (p / "uniattn_train.json").is_file())
+def stage_infos(final: Path) -> list[tuple[str, dict]]:
+    """(stage, its uniattn_train.json) of every stage of a run: uniattn's stage 1 first, then the last stage."""
+    paths = (("stage1", final.parent / "stage1" / "final"), ("final", final))
+    return [(stage, json.loads((path / "uniattn_train.json").read_text()))
+            for stage, path in paths if (path / "uniattn_train.json").is_file()]
 
 
 def parameters(final: Path) -> int:
@@ -193,9 +182,11 @@ def train(args, out: Path, mode: str, zero: int, n: int, init: Path) -> dict:
     except RuntimeError as err:  # one failed run is a finding, not the end of the check
         logger.error("%s failed: %s", name, err)
         return {**row, "error": str(err)[-500:]}
-    row["losses"] = losses(run / "final")
+    infos = stage_infos(run / "final")
+    row["losses"] = [[stage, step, loss] for stage, info in infos for step, loss in info["logged_losses"]]
     row["stats"] = stage_stats(args, run, mode)
-    records = steps_taken(run / "final") * args.effective_batch_size
+    # the steps each stage took: uniattn's stage 1 takes its --stage1_share, or the whole schedule under 'seed'
+    records = sum(info["global_step"] for _, info in infos) * args.effective_batch_size
     seconds = row["train_s"] or row["wall_s"]
     row["records_per_s"] = round(records / seconds, 3)
     return row

@@ -163,10 +163,15 @@ def begun_with_compensation(out: Path) -> bool:
     return isinstance(saved, dict) and saved.get("mode") == "softmax" and saved.get("compensation", True) is True
 
 
+def _share_asked(script) -> bool:
+    """Whether --stage1_share was passed: the default gets each stage at least one step and record."""
+    return "stage1_share" in script.stage1_given
+
+
 def _keep_protocol_of_begun_run(script, out: Path) -> None:
     """A UniAttn run begun under the seed's protocol (explicitly, or before the default became a share)
     resumes under it when --stage1_share is not passed, rather than refusing to resume."""
-    if script.mode != "uniattn" or "stage1_share" in script.stage1_given:
+    if script.mode != "uniattn" or _share_asked(script):
         return
     try:
         saved = json.loads((out / RUN_FILE).read_text())
@@ -202,7 +207,7 @@ def _check_stage1_flags(script, targs: dict) -> None:
         raise UsageError(f"--stage1_data {script.stage1_data} is read without labels, for distillation: add "
                          "--stage1_objective kl, or drop --stage1_data to train stage 1 on the training data")
     steps = targs.get("max_steps") or -1
-    asked = "stage1_share" in script.stage1_given
+    asked = _share_asked(script)
     if share is not None and steps > 0:
         first = part_size(share, steps, asked)
         if first < 1 or steps - first < 1:
@@ -240,7 +245,7 @@ def _plan_stage_data(script, targs: dict, records: list) -> dict:
     steps = targs.get("max_steps") or -1
     share = script.stage1_share
     first, second = records, records
-    exact = "stage1_share" in script.stage1_given
+    exact = _share_asked(script)
     if share is not None and not script.stage1_data:
         one, two = split_records(len(records), share, targs["seed"], exact)
         if not one or not two:
