@@ -3,7 +3,8 @@
 #   bash scripts/setup_env.sh [train] [eval] [test]     # no argument: all three
 # train: uniattn.train through DeepSpeed and the seed's scripts (the quick start needs only this);
 # eval:  lm-eval, datasets and plotting for scripts/eval.sh (which installs it on first use);
-# test:  pytest and the exact versions the test suite runs on.
+# test:  pytest and the exact versions the test suite runs on, plus the Triton interpreter kit
+#        (requirements-interpreter.txt, in $VENV/triton-interpreter: the CPU test of the GPU decode kernels).
 # Run by scripts/test.sh (all), scripts/quickstart.sh (train) and scripts/eval.sh (eval); VENV overrides
 # the location. A rerun with the same extras is a quick no-op check.
 set -euo pipefail
@@ -26,3 +27,11 @@ fi
 # names the pins again, so pip can never move them.
 "$VENV/bin/python" -m pip install -q torch==2.13.0
 "$VENV/bin/python" -m pip install -q "${reqs[@]}" torch==2.13.0 transformers==5.17.0 -e .
+# The interpreter kit lives apart from the environment (its numpy pin must not move the project's);
+# only tests/test_triton_decode.py puts it on a subprocess's path. The marker makes a rerun a no-op.
+KIT="$VENV/triton-interpreter"
+if [[ " ${extras[*]} " == *" test "* ]] && [ ! -f "$KIT/.complete" ]; then
+  rm -rf "$KIT"
+  "$VENV/bin/python" -m pip install -q --no-deps --target "$KIT" -r requirements-interpreter.txt
+  touch "$KIT/.complete"
+fi

@@ -39,7 +39,8 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .kernels import DECODE_MAX_QUERIES, GROUPED_FLEX, GROUPED_SDPA, grouped_apply, grouped_probs  # noqa: F401
+from .kernels import (DECODE_MAX_QUERIES, GROUPED_FLEX, GROUPED_SDPA, DecodeRows, grouped_apply,  # noqa: F401
+                      grouped_probs)
 
 # Kernels that cannot apply Gemma-2's attention-logit soft-cap: transformers 5.17's
 # SDPA path drops the `softcap` argument silently. UniAttn models map "sdpa" to one of
@@ -70,13 +71,15 @@ class LeaderState:
     sliding_window: int | None
     softcap: float | None
     dropout: float
-    probs: torch.Tensor | None  # [batch, q_heads, q_len, kv_len] when the kernel materialised it (eager)
+    probs: torch.Tensor | DecodeRows | None  # [batch, q_heads, q_len, kv_len] when the kernel materialised it
+    # (eager; explicit decode rows), or the Triton decode kernel's tile-factored rows
 
 
 class SoftmaxAttentionMixin:
     """Stock attention forward for ordinary and leader layers; a leader also publishes its state."""
 
     is_leader: bool = False
+    hands_on_rows: bool = False  # a leader whose followers reuse its probabilities: decode writes them
 
     def _kernel_kwargs(self) -> dict:
         # Gemma-2 stores a per-layer window (None on global layers); Mistral keeps it on the config.
@@ -123,7 +126,8 @@ class SoftmaxAttentionMixin:
         )
         if self.is_leader:
             # Only probability rows are handed on: flex_attention's second output is a log-sum-exp.
-            rows = attn_weights is not None and attn_weights.dim() == 4 and attn_weights.shape[-1] == key_states.shape[2]
+            rows = isinstance(attn_weights, DecodeRows) or (
+                attn_weights is not None and attn_weights.dim() == 4 and attn_weights.shape[-1] == key_states.shape[2])
             if uniattn_states is None:
                 raise RuntimeError("a UniAttn leader ran without the model's `uniattn_states` hand-off dict")
             uniattn_states[self.layer_idx] = LeaderState(
@@ -146,6 +150,7 @@ class _FollowerBase(nn.Module):
     """What the follower kinds share: the leader hand-off, the call into the leader's kernel, the empty cache."""
 
     reads_leader = True  # False for a dropped attention sub-layer, which needs nothing from its leader
+    reads_rows = False  # True where the leader's probability rows are applied (Softmax reuse)
 
     def __init__(self, config, layer_idx: int, leader_idx: int):
         super().__init__()
@@ -211,6 +216,8 @@ class FollowerAttention(_FollowerBase):
     gives, without its hidden x hidden matmul and parameters.
     """
 
+    reads_rows = True
+
     def __init__(self, config, layer_idx: int, leader_idx: int):
         super().__init__(config, layer_idx, leader_idx)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=self.bias)
@@ -227,7 +234,7 @@ class FollowerAttention(_FollowerBase):
         if past_key_values is not None:
             _, value_states = past_key_values.update(value_states[..., :0], value_states, self.layer_idx)
         if state.probs is not None:
-            # The leader materialised P (eager reference, or decode rows): reuse it as is.
+            # The leader materialised P (eager reference, or decode rows, dense or Triton's): reuse it as is.
             attn_output = grouped_apply(state.probs, value_states)
         else:
             # P_leader @ V == attn(Q_leader, K_leader, V): the fused kernel gives it without building P.

@@ -90,6 +90,9 @@ class UniAttnModelMixin(UniAttnPreTrainedMixin):
                 attn = self.attention_class(config, i)
                 # Dropped followers read nothing, so their leader need not keep its Q/K/P for them.
                 attn.is_leader = role == LEADER and follower_class.reads_leader
+                # Only Softmax-reusing followers read the probability rows (CLA ones take K and V).
+                attn.hands_on_rows = (attn.is_leader and follower_class.reads_rows
+                                      and any(layout.leader_of(f) == i for f in layout.followers))
                 layer.self_attn = attn
         self.post_init()
 

@@ -1,8 +1,12 @@
 """The attention kernels UniAttn registers with transformers' attention interface.
 
-Both give the rows of decode queries explicitly, grouped per KV head (``grouped_probs``), and
-return them as the attention weights, so a leader's followers apply them to their own V cache
-without touching K; they differ in how long queries (prefill, training) are computed:
+Both serve decode queries grouped per KV head and, in a UniAttn leader, return the probability
+rows as the attention weights, so its followers apply them to their own V cache without touching
+K. One new token per sequence on a CUDA GPU goes to the Triton kernels of ``triton_decode.py``
+(split over the context, rows tile-factored as a ``DecodeRows``); anything else, and every CPU,
+takes the PyTorch reference path (``grouped_probs`` / ``grouped_apply``, dense rows).
+``UNIATTN_DECODE_KERNEL=torch`` (or ``set_decode_kernel("torch")``) keeps decode on that path.
+They differ in how long queries (prefill, training) are computed:
 
 * ``"uniattn_sdpa"``: SDPA, for models without an attention-logit soft-cap. Soft-capped models
   (Gemma-2), which SDPA cannot serve (transformers 5.17 drops the cap silently), take the explicit
@@ -21,6 +25,7 @@ this module is imported. Shipped inside saved checkpoints: only relative imports
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -30,10 +35,28 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 from transformers.utils import is_torch_flex_attn_available
 
+from . import triton_decode
+from .triton_decode import DecodeRows
+
 # Queries per sequence up to which decode builds its probability rows explicitly: the rows are
 # tiny (heads x context), a leader computes them once, and its followers then read only their own
 # V cache instead of re-reading the leader's K through a fused kernel.
 DECODE_MAX_QUERIES = 16
+
+DECODE_KERNELS = ("auto", "torch")
+_decode_kernel = os.environ.get("UNIATTN_DECODE_KERNEL", "auto")
+
+
+def set_decode_kernel(name: str) -> None:
+    """``"auto"``: the Triton decode kernels where they run; ``"torch"``: always the PyTorch path."""
+    global _decode_kernel
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {name!r} is not one of {DECODE_KERNELS}")
+    _decode_kernel = name
+
+
+if _decode_kernel not in DECODE_KERNELS:
+    raise ValueError(f"UNIATTN_DECODE_KERNEL={_decode_kernel!r} is not one of {DECODE_KERNELS}")
 
 GROUPED_SDPA = "uniattn_sdpa"
 GROUPED_FLEX = "uniattn_flex_attention"  # contains "flex_attention": transformers checks torch can run it
@@ -70,8 +93,11 @@ def grouped_probs(query, key, attention_mask, scaling, softcap, kv_groups) -> to
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
 
-def grouped_apply(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``P @ V`` for GQA without expanding V; returns ``[batch, q_len, q_heads, head_dim]``."""
+def grouped_apply(probs, value: torch.Tensor) -> torch.Tensor:
+    """``P @ V`` for GQA without expanding V; returns ``[batch, q_len, q_heads, head_dim]``.
+    ``probs`` is dense ``[batch, q_heads, q_len, kv_len]`` or a leader's Triton ``DecodeRows``."""
+    if isinstance(probs, DecodeRows):
+        return triton_decode.decode_apply(probs, value)
     b, h, q, kv_len = probs.shape
     kv_heads = value.shape[1]
     out = torch.matmul(probs.reshape(b, kv_heads, (h // kv_heads) * q, kv_len), value.to(probs.dtype))
@@ -91,6 +117,17 @@ def is_decode(q_len: int, kv_len: int) -> bool:
     return q_len <= DECODE_MAX_QUERIES and kv_len > q_len
 
 
+def decode_attention(module, query, key, value, attention_mask, dropout, scaling, softcap):
+    """Decode queries: the Triton kernel where it serves the call, else the explicit rows. Only a
+    UniAttn leader with Softmax-reusing followers (``module.hands_on_rows``) has the Triton kernel
+    write the rows they need."""
+    if _decode_kernel == "auto" and not module.training and triton_decode.usable(query, key, value, attention_mask):
+        scaling = module.head_dim ** -0.5 if scaling is None else scaling
+        return triton_decode.decode_attend(query, key, value, attention_mask, scaling, softcap,
+                                           write_rows=getattr(module, "hands_on_rows", False))
+    return explicit_attention(module, query, key, value, attention_mask, dropout, scaling, softcap)
+
+
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            sliding_window=None, softcap=None, **kwargs):
     """SDPA for prefill and training; explicit grouped rows (returned as the weights) for decode.
@@ -98,8 +135,9 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout=0.
     Decode reads K and V once per KV head instead of once per query head (transformers' SDPA path
     expands them when a mask is present), and the returned rows let UniAttn followers skip Q K^T.
     """
-    decoding = is_decode(query.shape[2], key.shape[2]) and not module.training
-    if decoding or softcap is not None:
+    if is_decode(query.shape[2], key.shape[2]) and not module.training:
+        return decode_attention(module, query, key, value, attention_mask, dropout, scaling, softcap)
+    if softcap is not None:
         return explicit_attention(module, query, key, value, attention_mask, dropout, scaling, softcap)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -145,6 +183,8 @@ if is_torch_flex_attn_available():
         """flex_attention (soft-cap as ``score_mod``, window in the ``BlockMask``) for prefill and
         training; the explicit grouped rows for decode and for CPU training."""
         if not isinstance(attention_mask, BlockMask):
+            if is_decode(query.shape[2], key.shape[2]) and not module.training:
+                return decode_attention(module, query, key, value, attention_mask, dropout, scaling, softcap)
             return explicit_attention(module, query, key, value, attention_mask, dropout, scaling, softcap)
         if dropout and module.training:
             raise ValueError(f"attention dropout {dropout} cannot run in flex_attention: set the config's "

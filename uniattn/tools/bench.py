@@ -6,13 +6,21 @@ Models with the shapes of LLaMA-3.1-8B (layouts 4 16 33, 2 16 32, 4 0 32),
 Mistral-7B and Gemma-2-9B, random bf16 weights (no checkpoint needed). The
 UniAttn model shares every weight tensor with the stock one (only W_c is new),
 so both fit on one GPU at once. Figures: KV-cache bytes; prefill latency;
-decode ms/token (eager with static and dynamic cache, compiled with static
-cache); generate() tokens/s; peak memory; the largest batch that fits at a
+decode ms/token (compiled with static cache first, then eager with static and
+dynamic cache); generate() tokens/s; peak memory; the largest batch that fits at a
 context. Every decode figure also comes as the UniAttn/stock ratio next to the
-ideal ratio of a byte model (weights + KV bytes read per step over the measured
-copy bandwidth) and as the fraction of that bandwidth limit reached. Times are
-medians of repeated runs with CUDA events after warm-up. Writes
-``OUT.md`` (markdown tables with the command, card and versions) and PNG plots.
+ideal ratio of a byte model (the bytes a step must read: weights but the input
+embedding table, of which it reads one row per sequence, plus the K/V it attends
+over, over the measured copy bandwidth) and as the fraction of that bandwidth
+limit reached. Each compiled point is compiled afresh with static shapes. Its
+stock column is plain stock transformers compiled in a process of its own
+(``bench_stock``), the fastest stock configuration; stock + grouped and UniAttn
+run here on the same kernels. Times are medians of repeated runs with CUDA
+events after warm-up. Writes ``OUT.md`` (markdown tables with the command, card,
+versions and measured bandwidth) and PNG plots.
+
+The headline (``--part main``, LLaMA-3.1-8B shapes, layout 4 16 33) takes about
+ten minutes on one H200 or H100.
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ from uniattn.loading import soft_capped
 from uniattn.io import write_text
 from uniattn.modeling.cache import make_value_only
 from uniattn.tools.kv_report import PRESETS, cache_bytes, has_window
-from uniattn.modeling.kernels import GROUPED_FLEX, GROUPED_SDPA
+from uniattn.modeling import triton_decode
+from uniattn.modeling.kernels import DECODE_KERNELS, GROUPED_FLEX, GROUPED_SDPA, set_decode_kernel
 
 # kv_report's shape presets, except that the benchmark's Mistral is v0.2 / v0.3, without the sliding window
 SHAPES = {
@@ -47,7 +56,13 @@ SHAPES = {
 
 
 # ------------------------------------------------------------------ timing helpers
-def cuda_median_ms(fn, repeat=10, warmup=3) -> float:
+def cuda_median_ms(fn, repeat=10, warmup=3, inner=1) -> float:
+    """Median ms of ``fn`` over ``repeat`` timings of ``inner`` back-to-back calls each.
+
+    ``inner > 1`` is the steady state of a decode loop: the host queues the next step while the GPU
+    runs this one, so the host's per-call work (CUDA graph launch, guards) hides behind the GPU's
+    unless it is the longer of the two. With ``inner = 1`` every call starts on an idle GPU and
+    that host work adds to the time."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -55,10 +70,11 @@ def cuda_median_ms(fn, repeat=10, warmup=3) -> float:
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times)
 
 
@@ -127,6 +143,15 @@ def weight_bytes(model) -> int:
     return total
 
 
+def read_weight_bytes(model) -> int:
+    """Weight bytes one decode step reads: all but the input embedding table (one row per sequence
+    is read), unless the output head shares it."""
+    emb = model.get_input_embeddings().weight
+    if emb.data_ptr() == model.get_output_embeddings().weight.data_ptr():
+        return weight_bytes(model)
+    return weight_bytes(model) - emb.numel() * emb.element_size()
+
+
 def filled_static_cache(model, batch: int, context: int, max_len: int, randomise: bool = True):
     """A static cache that already holds ``context`` tokens (random K/V), without running a prefill."""
     cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -164,7 +189,7 @@ def filled_dynamic_cache(model, batch: int, context: int):
     return cache
 
 
-def decode_ms(model, batch, context, mode, compiled_fns) -> float:
+def decode_ms(model, batch, context, mode) -> float:
     ids = torch.randint(0, 1000, (batch, 1), device="cuda")
     pos = torch.full((batch, 1), context, device="cuda")
     if mode == "dynamic":
@@ -178,13 +203,27 @@ def decode_ms(model, batch, context, mode, compiled_fns) -> float:
                 else:
                     layer.keys, layer.values = layer.keys[..., :-1, :], layer.values[..., :-1, :]
         return cuda_median_ms(step)
+    step = static_decode_step(model, batch, context, compiled=mode == "compiled")
+    if mode == "compiled":
+        ms = cuda_median_ms(step, repeat=10, warmup=5, inner=DECODE_STEPS)
+        graphs = {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in k}
+        if graphs:  # a skip here would mean the step ran outside CUDA graphs: the host timed, not the kernels
+            print(f"cudagraph counters: {graphs}", flush=True)
+        return ms
+    return cuda_median_ms(step, repeat=10, warmup=3)
+
+
+def static_decode_step(model, batch: int, context: int, compiled: bool):
+    """One decode step over a static cache that holds ``context`` tokens, reset on every call so the
+    context stays fixed. ``compiled``: under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
+    compiled afresh with static shapes, so no later point recompiles with dynamic ones."""
+    ids = torch.randint(0, 1000, (batch, 1), device="cuda")
+    pos = torch.full((batch, 1), context, device="cuda")
     cache = filled_static_cache(model, batch, context, context + 64)
     fn = model.forward
-    if mode == "compiled":
-        key = id(model)
-        if key not in compiled_fns:
-            compiled_fns[key] = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        fn = compiled_fns[key]
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def step():
         for layer in cache.layers:
@@ -192,7 +231,7 @@ def decode_ms(model, batch, context, mode, compiled_fns) -> float:
             if hasattr(layer, "cumulative_length_int"):
                 layer.cumulative_length_int = context
         fn(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cuda_median_ms(step, repeat=10, warmup=3 if mode != "compiled" else 5)
+    return step
 
 
 def kv_bytes_per_token(model, context: int) -> float:
@@ -202,7 +241,26 @@ def kv_bytes_per_token(model, context: int) -> float:
     return cache_bytes(model.config, context) / context
 
 
+DECODE_STEPS = 10  # compiled decode: steps timed back to back, as in a generation loop
 KV_CONTEXTS = (4096, 16384, 32768)  # where a windowed model's KV per token is reported
+HEADLINE = ((1, 4096), (8, 16384), (4, 32768))  # compiled decode points of --part main
+EXTRA_COMPILED = ((16, 4096),)  # --part extra
+
+
+def stock_process(shape: str, points) -> dict:
+    """Plain compiled stock decode ms per (batch, context), from ``bench_stock`` in its own process."""
+    cmd = [sys.executable, "-m", "uniattn.tools.bench_stock", "--shape", shape,
+           "--points", *(f"{b}x{c}" for b, c in points)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            found[row["batch"], row["context"]] = row["ms"]
+    if proc.returncode != 0:
+        print(f"bench_stock exited {proc.returncode}; in-process stock instead where missing:\n"
+              f"{proc.stderr[-2000:]}", flush=True)
+    return found
 
 
 # ------------------------------------------------------------------ main
@@ -231,6 +289,8 @@ def main(argv=None) -> int:
                    help="main: LLaMA-3.1-8B 4 16 33 in full; others: the other layouts and models; "
                         "extra: training step and the remaining compiled decode points (both append)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--decode_kernel", choices=DECODE_KERNELS, default="auto",
+                   help="auto: UniAttn's Triton decode kernels; torch: its PyTorch reference path")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget; later points are skipped past it")
     args = p.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64  # one graph per (kernel, batch, context)
@@ -248,6 +308,11 @@ def main(argv=None) -> int:
     }, "rows": []}
     bw = copy_bandwidth()
     results["env"]["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
+    set_decode_kernel(args.decode_kernel)
+    triton = triton_decode.triton
+    results["env"]["triton"] = triton.__version__ if triton is not None else "none"
+    results["env"]["decode_kernel"] = ("Triton split-context kernels" if args.decode_kernel == "auto" and triton is not None
+                                       else "PyTorch grouped rows")
     print(json.dumps(results["env"]), flush=True)
     main_run = ("llama3.1-8b", (4, 16, 33))
     others = [("llama3.1-8b", (2, 16, 32)), ("llama3.1-8b", (4, 0, 32)), ("mistral-7b", (4, 16, 33)),
@@ -262,10 +327,12 @@ def main(argv=None) -> int:
         if time.time() > deadline:
             print(f"deadline reached: {shape} {layout} not measured", flush=True)
             break
-        stock, uni = build_pair(shape, layout)
         is_main = (shape, layout) == main_run
+        compile_ = not args.no_compile and is_main
+        plain = stock_process(shape, HEADLINE) if compile_ else {}  # before this process takes the GPU's memory
+        stock, uni = build_pair(shape, layout)
         rows = measure(shape, layout, stock, uni, bw, full=is_main and not args.quick,
-                       compile_=not args.no_compile and is_main, deadline=deadline)
+                       compile_=compile_, deadline=deadline, plain=plain)
         results["rows"].extend(rows)
         del stock, uni
         free()
@@ -290,11 +357,11 @@ def stock_kernels(config) -> dict:
     return {"stock": "sdpa", "stock_grouped": GROUPED_SDPA}
 
 
-def _run_variants(stock, uni, fn):
-    """``fn(model)`` for the three variants; the stock model switches kernels in between."""
+def _run_variants(stock, uni, fn, names=VARIANTS):
+    """``fn(model)`` for the variants in ``names``; the stock model switches kernels in between."""
     res = {}
     kernels = stock_kernels(stock.config)
-    for name in VARIANTS:
+    for name in names:
         model = uni if name == "uniattn" else stock
         if model is stock:
             stock.set_attn_implementation(kernels[name])
@@ -317,10 +384,20 @@ def decode_row(tag, mode, batch, ctx, res, bytes_stock, bytes_uni, bw) -> dict:
     }
 
 
-def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
+def compiled_decode(stock, uni, batch, ctx, plain: dict) -> dict:
+    """Compiled decode ms of the three variants; stock from ``plain`` (its own process) where measured."""
+    if (batch, ctx) in plain:
+        res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled"), names=VARIANTS[1:])
+        return {"stock": plain[batch, ctx], **res, "stock_source": "plain stock, own process"}
+    res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled"))
+    return {**res, "stock_source": "stock model, this process"}
+
+
+def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None):
     rows = []
     tag = f"{shape} {' '.join(map(str, layout))}"
     w_stock, w_uni = weight_bytes(stock), weight_bytes(uni)
+    r_stock, r_uni = read_weight_bytes(stock), read_weight_bytes(uni)
     for ctx in KV_CONTEXTS if has_window(stock.config) else KV_CONTEXTS[:1]:  # no window: any context alike
         rows.append({"what": "kv_bytes_per_token", "model": tag, "context": ctx,
                      "stock": kv_bytes_per_token(stock, ctx), "uniattn": kv_bytes_per_token(uni, ctx)})
@@ -342,22 +419,23 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline):
         rows.append({"what": "prefill_ms", "model": tag, "batch": 1, "context": n, **res})
         print(rows[-1], flush=True)
     reference = [(1, 4096), (16, 4096), (8, 16384), (4, 32768)]
-    plan = [("static", p) for p in ([(1, 4096), (8, 4096), (16, 4096), (64, 4096), (1, 16384), (8, 16384), (4, 32768)]
-                                    if full else [(16, 4096), (8, 16384)])]
+    plan = [("compiled", p) for p in HEADLINE] if compile_ else []  # the headline first, each compiled anew
+    plan += [("static", p) for p in ([(1, 4096), (8, 4096), (16, 4096), (64, 4096), (1, 16384), (8, 16384), (4, 32768)]
+                                     if full else [(16, 4096), (8, 16384)])]
     if full:
         plan += [("dynamic", p) for p in reference[:2]]
-    if compile_:
-        plan += [("compiled", p) for p in ((1, 4096), (8, 16384))]  # each shape and kernel compiles anew
-    compiled = {}
     for mode, (batch, ctx) in plan:
         if time.time() > deadline:
             print("deadline reached: skipping the remaining decode points", flush=True)
             break
-        ideal_s = w_stock + batch * ctx * kv_bytes_per_token(stock, ctx)
-        ideal_u = w_uni + batch * ctx * kv_bytes_per_token(uni, ctx)
+        ideal_s = r_stock + batch * ctx * kv_bytes_per_token(stock, ctx)
+        ideal_u = r_uni + batch * ctx * kv_bytes_per_token(uni, ctx)
         try:
             with torch.no_grad():
-                res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, mode, compiled))
+                if mode == "compiled":
+                    res = compiled_decode(stock, uni, batch, ctx, plain or {})
+                else:
+                    res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, mode))
         except torch.cuda.OutOfMemoryError:
             free()
             rows.append({"what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, "oom": True})
@@ -406,13 +484,13 @@ def train_step_ms(model, tokens: int) -> float:
 
 def extra(out: Path, results: dict, bw: float) -> int:
     """A training step and the compiled decode points the main part leaves out (LLaMA-3.1-8B, 4 16 33)."""
+    plain = stock_process("llama3.1-8b", EXTRA_COMPILED)
     stock, uni = build_pair("llama3.1-8b", (4, 16, 33))
     tag = "llama3.1-8b 4 16 33"
-    w_s, w_u = weight_bytes(stock), weight_bytes(uni)
-    compiled = {}
-    for batch, ctx in ((16, 4096), (4, 32768)):
+    w_s, w_u = read_weight_bytes(stock), read_weight_bytes(uni)
+    for batch, ctx in EXTRA_COMPILED:
         with torch.no_grad():
-            res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled", compiled))
+            res = compiled_decode(stock, uni, batch, ctx, plain)
         ideal_s = w_s + batch * ctx * kv_bytes_per_token(stock, ctx)
         ideal_u = w_u + batch * ctx * kv_bytes_per_token(uni, ctx)
         results["rows"].append(decode_row(tag, "compiled", batch, ctx, res, ideal_s, ideal_u, bw))

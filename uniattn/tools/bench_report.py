@@ -18,11 +18,15 @@ def render(results: dict, out: Path) -> str:
         "",
         f"Command: `{env['command']}` (commit {env.get('commit', '?')})  ",
         f"Card: {env['gpu']}, driver {env['driver']}; torch {env['torch']}, transformers {env['transformers']}; "
-        f"bf16, SDPA, random weights. Measured copy bandwidth {env['copy_bandwidth_TBps']} TB/s.",
+        f"bf16, SDPA, random weights. Measured copy bandwidth {env['copy_bandwidth_TBps']} TB/s."
+        + (f" Triton {env['triton']}; UniAttn's decode kernel: {env['decode_kernel']}." if "triton" in env else ""),
         "",
         "Times are medians of repeated runs timed with CUDA events after warm-up. *ideal* is the byte-model "
-        "ratio (weights + KV bytes read per decode step); *BW %* is the byte-model time at the measured copy "
-        "bandwidth over the measured time.",
+        "ratio (weights + KV bytes read per decode step; runs with a decode kernel named above leave out the "
+        "input embedding table, of which a step reads one row per sequence); *BW %* is the byte-model time at "
+        "the measured copy bandwidth over the measured time. Compiled points are compiled afresh with static "
+        "shapes; where a row says so, their stock column is plain stock transformers compiled in a process of "
+        "its own (`uniattn.tools.bench_stock`).",
         "",
     ]
     by = {}
@@ -69,7 +73,8 @@ def render(results: dict, out: Path) -> str:
             if r.get("oom"):
                 lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['context']} | OOM |" + " |" * 9)
                 continue
-            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['context']} | {_fmt(r['stock'])} | {_fmt(r.get('stock_grouped'))} "
+            mode = r["mode"] + (" (stock: own process)" if r.get("stock_source", "").endswith("own process") else "")
+            lines.append(f"| {r['model']} | {mode} | {r['batch']} | {r['context']} | {_fmt(r['stock'])} | {_fmt(r.get('stock_grouped'))} "
                          f"| {_fmt(r['uniattn'])} | {r['ratio']:.3f} | {_fmt(r.get('method_ratio'), '.3f')} | {r['ideal_ratio']:.3f} "
                          f"| {r['stock_bw_frac']:.0%} | {r.get('stock_grouped_bw_frac', 0):.0%} | {r['uniattn_bw_frac']:.0%} "
                          f"| {r['limit_ms_stock']:.2f} / {r['limit_ms_uniattn']:.2f} |")
@@ -93,8 +98,10 @@ def _plot(rows, out: Path):
     rows = [r for r in rows if not r.get("oom")]
     if not rows:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the GPU image has none: render the plot later with `python -m uniattn.tools.bench_report`
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

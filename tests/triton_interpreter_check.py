@@ -1,0 +1,108 @@
+"""Run by tests/test_triton_decode.py in a process of its own, under ``TRITON_INTERPRET=1`` with the
+Triton interpreter kit on ``PYTHONPATH`` (Triton's interpreter runs the kernels on CPU tensors
+through numpy; bf16 is not emulated there, so the checks run in float32 and float16).
+
+Checks the decode kernels against the float64 PyTorch reference, then a tiny model of each family
+decoding a left-padded batch token by token with the kernels against one full forward.
+Exits non-zero, naming the case, on the first miss.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import conftest  # noqa: E402
+
+from transformers import DynamicCache, StaticCache  # noqa: E402
+
+from uniattn.modeling import kernels, triton_decode  # noqa: E402
+from uniattn.modeling.kernels import grouped_apply, grouped_probs  # noqa: E402
+
+assert triton_decode.INTERPRET and triton_decode.triton is not None, "needs TRITON_INTERPRET=1 and Triton"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def kernel_cases():
+    g = torch.Generator().manual_seed(0)
+    # (batch, heads, kv_heads, kv_len, head_dim, softcap, window, padded, dtype, tolerance)
+    cases = [(2, 8, 2, 100, 64, None, None, False, torch.float32, 1e-5),
+             (3, 9, 3, 200, 64, None, None, True, torch.float32, 1e-5),
+             (1, 4, 2, 70, 256, 50.0, 40, False, torch.float32, 1e-5),
+             (2, 8, 8, 129, 128, None, None, True, torch.float16, 2e-3)]
+    for b, h, kvh, n, d, cap, window, padded, dtype, tol in cases:
+        q = torch.randn(b, h, 1, d, generator=g).to(dtype)
+        k, v, v2 = (torch.randn(b, kvh, n, d, generator=g).to(dtype) for _ in range(3))
+        mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
+        if window:
+            mask[..., : n - window] = False
+        if padded:
+            for i in range(b):
+                mask[i, ..., : int(torch.randint(0, n // 2, (), generator=g))] = False
+        out, rows = triton_decode.decode_attend(q, k, v, mask, d ** -0.5, cap, write_rows=True)
+        ref_p = grouped_probs(q.double(), k.double(), mask, d ** -0.5, cap, h // kvh)
+        errs = (rel(out, grouped_apply(ref_p, v.double())), rel(rows.dense(), ref_p),
+                rel(triton_decode.decode_apply(rows, v2), grouped_apply(ref_p, v2.double())))
+        assert max(errs) < tol, f"kernel case {(b, h, kvh, n, d, cap, window, padded, dtype)}: errors {errs}"
+    # A query that may attend to nothing (a padding position) gets zeros, never NaN.
+    q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 70, 16)
+    mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
+    mask[1] = False
+    out, rows = triton_decode.decode_attend(q, k, k, mask, 0.25, None, write_rows=True)
+    assert torch.isfinite(out).all() and not out[1].any() and not rows.dense()[1].any(), "fully masked row"
+    print("kernels: ok", flush=True)
+
+
+def model_cases():
+    conftest._COMMON["head_dim"] = 16  # the kernels need a power-of-two head_dim of at least 16
+    ids, mask = conftest.random_batch(batch=3, length=14, padding="left", seed=10)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    for family in conftest.FAMILIES:
+        for layout in ((2, 1, 6), (2, 0, 6)):
+            _, uni = conftest.make_pair(family, attn="sdpa", seed=9, layout=layout)
+            calls = {"rows": 0, "apply": 0}
+            attend, apply = triton_decode.decode_attend, triton_decode.decode_apply
+
+            def counted_attend(*a, **kw):
+                calls["rows"] += bool(kw.get("write_rows"))
+                return attend(*a, **kw)
+
+            def counted_apply(*a, **kw):
+                calls["apply"] += 1
+                return apply(*a, **kw)
+
+            triton_decode.decode_attend, triton_decode.decode_apply = counted_attend, counted_apply
+            try:
+                with torch.no_grad():
+                    full = uni(ids, attention_mask=mask, position_ids=pos).logits
+                    for kind in ("static", "dynamic"):
+                        cache = (StaticCache(config=uni.config, max_cache_len=16) if kind == "static"
+                                 else DynamicCache(config=uni.config))
+                        out = uni(ids[:, :3], attention_mask=mask[:, :3], position_ids=pos[:, :3],
+                                  past_key_values=cache, use_cache=True)
+                        steps = [out.logits]
+                        for t in range(3, ids.shape[1]):
+                            out = uni(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
+                                      past_key_values=cache, use_cache=True)
+                            steps.append(out.logits)
+                        err = rel(torch.cat(steps, 1)[real], full[real])
+                        assert err < 1e-5, f"{family} {layout} {kind} cache: decode vs full forward {err:.2e}"
+            finally:
+                triton_decode.decode_attend, triton_decode.decode_apply = attend, apply
+            # 11 decode steps x 2 caches: each leader with followers writes rows, each follower reads them.
+            lay = uni.config.superblock_layout
+            leaders = {lay.leader_of(f) for f in lay.followers}
+            assert calls["rows"] == 22 * len(leaders) and calls["apply"] == 22 * len(lay.followers), (
+                family, layout, calls)
+    print("models: ok", flush=True)
+
+
+if __name__ == "__main__":
+    kernels.set_decode_kernel("auto")
+    kernel_cases()
+    model_cases()

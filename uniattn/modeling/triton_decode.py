@@ -1,0 +1,276 @@
+"""Grouped decode attention in Triton: one new token per sequence, split over the context.
+
+Two kernels, both launched per (sequence, KV head, context split), so a batch of one still fills
+the GPU and each K/V row is read once for all the query heads of its group:
+
+* ``decode_attend``: the scores of the group's query heads against K, softmax over the context
+  (online within a split, merged across splits), and the output ``P @ V``. For a UniAttn leader it
+  also writes the probability rows its followers need, tile by tile: ``rows = exp(s - tile max)``
+  in V's dtype and one factor per (head, tile), ``exp(tile max - row max) / row sum``. A
+  probability is ``rows * factor``: no second pass over the scores is needed to normalise them.
+* ``decode_apply``: a follower's ``P @ V`` from those rows and its own V cache; it never reads K.
+
+Masks are SDPA's boolean masks (``True`` = attend), ``[batch, 1, 1, kv_len]`` or broadcastable,
+so padding, sliding windows and a static cache's unfilled tail are all honoured; ``None`` attends
+to every position, as SDPA does. ``kernels.py`` calls these for decode on CUDA and keeps its
+PyTorch path (``grouped_probs`` / ``grouped_apply``) as the reference and the CPU fallback.
+Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (the tests use that).
+
+Shipped inside saved checkpoints: only relative imports of sibling files; Triton is optional.
+"""
+
+import functools
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: kernels.py then keeps the PyTorch path
+    triton = None
+
+try:
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # torch < 2.6: launch the kernels directly (torch.compile then graph-breaks)
+    triton_op = wrap_triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Launch shape. PROGRAMS_PER_SM: enough independent loads in flight to keep HBM busy. Tiles of
+# BLOCK_N positions (half that above head_dim 128, where a tile of K is twice the bytes).
+CONFIG = {"programs_per_sm": 8, "block_n": 64, "warps": 4, "stages": 3}  # best of a sweep on an H200
+
+
+def available(query: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``query``'s device."""
+    return triton is not None and (query.is_cuda or INTERPRET)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class DecodeRows(NamedTuple):
+    """A leader's decode probabilities, tile-factored: ``P[..., n] = rows[..., n] * factor[..., n // block]``."""
+
+    rows: torch.Tensor  # [batch, heads, kv_len], V's dtype
+    factor: torch.Tensor  # [batch, heads, tiles], float32
+    block: int
+
+    def dense(self) -> torch.Tensor:
+        """The probabilities as ``[batch, heads, 1, kv_len]`` (what the PyTorch path hands on)."""
+        kv_len = self.rows.shape[-1]
+        per_position = self.factor.repeat_interleave(self.block, dim=-1)[..., :kv_len]
+        return (self.rows.float() * per_position)[:, :, None].to(self.rows.dtype)
+
+
+def plan(batch: int, kv_heads: int, kv_len: int, head_dim: int, device: torch.device) -> tuple[int, int, int]:
+    """``(block, tiles_per_split, splits)``: tiles of ``block`` positions, split so that about
+    ``CONFIG["programs_per_sm"]`` programs run per multiprocessor."""
+    block = CONFIG["block_n"] if head_dim <= 128 else CONFIG["block_n"] // 2
+    tiles = triton.cdiv(kv_len, block)
+    want = max(1, triton.cdiv(CONFIG["programs_per_sm"] * _sm_count(device), batch * kv_heads))
+    per_split = triton.cdiv(tiles, min(want, tiles))
+    return block, per_split, triton.cdiv(tiles, per_split)
+
+
+def _bool_mask(mask: Optional[torch.Tensor], batch: int, kv_len: int):
+    """SDPA's mask as a ``[batch, kv_len]`` view (stride 0 where it broadcasts)."""
+    if mask is None:
+        return None
+    return mask[:, 0, -1, :kv_len].expand(batch, kv_len)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+    @triton.jit
+    def _decode_attend_kernel(
+        Q, K, V, MASK, O, ML, ROWS, TMAX,
+        sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n, sr_b, sr_h,
+        kv_len, kv_heads, per_split, n_tiles_total, scale, softcap,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_ROWS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = pid // kv_heads
+        kh = pid % kv_heads
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        heads = kh * G + g
+        in_group = g < G
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=in_group[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        k_base = K + b * sk_b + kh * sk_h
+        v_base = V + b * sv_b + kh * sv_h
+        for i in range(0, per_split):
+            t = split * per_split + i
+            n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            live = n < kv_len
+            k = tl.load(k_base + n[:, None] * sk_n + d[None, :], mask=live[:, None], other=0.0)
+            # Under torch.compile the float arguments arrive as float64: keep the loop in float32.
+            s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
+            if SOFTCAP:
+                s = (softcap * _tanh(s / softcap)).to(tl.float32)
+            if HAS_MASK:
+                live = live & (tl.load(MASK + b * sm_b + n * sm_n, mask=live, other=0) != 0)
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_t = tl.max(s, 1)
+            m_t = tl.where(m_t == float("-inf"), 0.0, m_t)  # an all-masked tile: p = 0 below
+            p = tl.exp(s - m_t[:, None])
+            if WRITE_ROWS:
+                tl.store(ROWS + b * sr_b + heads[:, None] * sr_h + n[None, :], p.to(ROWS.dtype.element_ty),
+                         mask=in_group[:, None] & (n < kv_len)[None, :])
+                tl.store(TMAX + (b * kv_heads * G + heads) * n_tiles_total + t, m_t, mask=in_group)
+            m_new = tl.maximum(m_i, m_t)
+            alpha = tl.exp(m_i - m_new)
+            beta = tl.exp(m_t - m_new)
+            v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=live[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot((p * beta[:, None]).to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1) * beta
+            m_i = m_new
+        row = (b * kv_heads * G + heads) * n_splits + split
+        tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
+        tl.store(ML + row * 2, m_i, mask=in_group)
+        tl.store(ML + row * 2 + 1, l_i, mask=in_group)
+
+    @triton.jit
+    def _decode_apply_kernel(
+        ROWS, FACTOR, V, O,
+        sr_b, sr_h, sv_b, sv_h, sv_n,
+        kv_len, kv_heads, per_split, n_tiles_total,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = pid // kv_heads
+        kh = pid % kv_heads
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        heads = kh * G + g
+        in_group = g < G
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        v_base = V + b * sv_b + kh * sv_h
+        for i in range(0, per_split):
+            t = split * per_split + i
+            n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            live = n < kv_len
+            e = tl.load(ROWS + b * sr_b + heads[:, None] * sr_h + n[None, :],
+                        mask=in_group[:, None] & live[None, :], other=0.0)
+            f = tl.load(FACTOR + (b * kv_heads * G + heads) * n_tiles_total + t, mask=in_group, other=0.0)
+            v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=live[:, None], other=0.0)
+            acc += tl.dot((e.to(tl.float32) * f[:, None]).to(v.dtype), v)
+        row = (b * kv_heads * G + heads) * n_splits + split
+        tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
+
+
+def _launch(kernel):
+    return wrap_triton(kernel) if wrap_triton is not None and not INTERPRET else kernel
+
+
+def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                 scale: float, softcap: float, write_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    b, h, _, d = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    g = h // kv_heads
+    block, per_split, splits = plan(b, kv_heads, kv_len, d, query.device)
+    tiles = per_split * splits
+    partial = torch.empty(b, h, splits, d, device=query.device, dtype=torch.float32)
+    ml = torch.empty(b, h, splits, 2, device=query.device, dtype=torch.float32)
+    rows = torch.empty(b, h, kv_len if write_rows else 0, device=query.device, dtype=value.dtype)
+    tmax = torch.empty(b, h, tiles if write_rows else 0, device=query.device, dtype=torch.float32)
+    q = query[:, :, 0]
+    m = _bool_mask(mask, b, kv_len)
+    _launch(_decode_attend_kernel)[(b * kv_heads, splits)](
+        q, key, value, m if m is not None else q, partial, ml, rows, tmax,
+        q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0,
+        rows.stride(0), rows.stride(1),
+        kv_len, kv_heads, per_split, tiles, scale, softcap,
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block,
+        HAS_MASK=m is not None, SOFTCAP=softcap > 0, WRITE_ROWS=write_rows,
+        num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+    )
+    return partial, ml, rows, tmax
+
+
+def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    b, h, kv_len = rows.shape
+    kv_heads, d = value.shape[1], value.shape[3]
+    g = h // kv_heads
+    block, per_split, splits = plan(b, kv_heads, kv_len, d, value.device)
+    partial = torch.empty(b, h, splits, d, device=value.device, dtype=torch.float32)
+    _launch(_decode_apply_kernel)[(b * kv_heads, splits)](
+        rows, factor, value, partial,
+        rows.stride(0), rows.stride(1), value.stride(0), value.stride(1), value.stride(2),
+        kv_len, kv_heads, per_split, factor.shape[-1],
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block,
+        num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+    )
+    return partial
+
+
+if triton is not None and triton_op is not None and not INTERPRET:
+    _attend_op = triton_op("uniattn::decode_attend", mutates_args=())(_attend_impl)
+    _apply_op = triton_op("uniattn::decode_apply", mutates_args=())(_apply_impl)
+else:
+    _attend_op, _apply_op = _attend_impl, _apply_impl
+
+
+def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
+    """Whether ``decode_attend`` serves this call: one query per sequence, a power-of-two head dimension
+    from 16 to 256 (the matrix units' smallest tile), rows contiguous in it, a boolean mask or none,
+    and a device the kernels run on."""
+    if triton is None or query.shape[2] != 1 or not available(query):
+        return False
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4):
+        return False
+    d = key.shape[-1]
+    return all(t.stride(-1) == 1 for t in (query, key, value)) and 16 <= d <= 256 and d & (d - 1) == 0
+
+
+def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float], write_rows: bool):
+    """Attention of one query per sequence; ``query`` ``[batch, heads, 1, head_dim]``, ``key``/``value``
+    ``[batch, kv_heads, kv_len, head_dim]`` (heads of one KV group adjacent, as in transformers).
+
+    Returns ``(output [batch, 1, heads, head_dim], rows)``; ``rows`` is a ``DecodeRows`` when
+    ``write_rows`` (what ``decode_apply`` takes), else ``None``.
+    """
+    partial, ml, rows, tmax = _attend_op(query, key, value, mask, float(scale), float(softcap or 0.0),
+                                         bool(write_rows))
+    m, l = ml[..., 0], ml[..., 1]
+    top = m.amax(-1, keepdim=True)
+    w = torch.exp(m - top)
+    total = (l * w).sum(-1, keepdim=True)
+    # A query that may attend to nothing (a padding position) gets zeros, not 0/0: its value would
+    # otherwise enter later layers' caches, where even a zero probability times NaN is NaN.
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    out = (partial * w[..., None]).sum(2) / total
+    out = out.to(query.dtype)[:, None]
+    if not write_rows:
+        return out, None
+    block = plan(query.shape[0], key.shape[1], key.shape[2], key.shape[3], query.device)[0]
+    return out, DecodeRows(rows, torch.exp(tmax - top) / total, block)
+
+
+def decode_apply(rows: DecodeRows, value: torch.Tensor) -> torch.Tensor:
+    """A follower's ``P @ V`` from a leader's ``decode_attend`` rows; returns ``[batch, 1, heads, head_dim]``."""
+    if value.shape[2] != rows.rows.shape[-1]:
+        raise ValueError(f"the follower's V cache holds {value.shape[2]} positions but its leader's rows "
+                         f"{rows.rows.shape[-1]}: the cache layers of a SuperBlock are out of step")
+    partial = _apply_op(rows.rows, rows.factor, value)
+    return partial.sum(2).to(value.dtype)[:, None]

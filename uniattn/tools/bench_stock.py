@@ -1,0 +1,61 @@
+"""Plain stock compiled decode, in a process of its own: the benchmark's stock column.
+
+    python -m uniattn.tools.bench_stock --shape llama3.1-8b --points 1x4096 8x16384 4x32768
+
+A stock transformers model (the shape's class, ``attn_implementation="sdpa"``, random bf16 weights)
+decodes one token per sequence from a static cache that already holds the context, under
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` with static shapes, compiled afresh
+for each point. The model runs transformers' own SDPA path, none of UniAttn's kernels, and no other
+model shares the process or the GPU's memory: the fastest stock configuration we know of.
+Prints one JSON line per point: ``{"batch", "context", "ms"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import transformers
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3.1-8b")
+    p.add_argument("--points", nargs="+", required=True, metavar="BxCONTEXT")
+    args = p.parse_args(argv)
+    from .bench import DECODE_STEPS, SHAPES, cuda_median_ms, static_decode_step
+
+    points = []
+    for text in args.points:
+        try:
+            batch, ctx = (int(x) for x in text.lower().split("x"))
+        except ValueError:
+            print(f"error: point {text!r} is not BATCHxCONTEXT (e.g. 8x16384)", file=sys.stderr)
+            return 2
+        points.append((batch, ctx))
+    cls, kw = SHAPES[args.shape]
+    config = cls(**kw, dtype=torch.bfloat16)
+    config._attn_implementation = "sdpa"
+    model_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                   "gemma2": transformers.Gemma2ForCausalLM}[config.model_type]
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = model_class(config).eval()
+    torch.set_default_dtype(torch.float32)
+    for prm in model.parameters():
+        prm.data.normal_(0, 0.02)
+    for batch, ctx in points:
+        step = static_decode_step(model, batch, ctx, compiled=True)
+        with torch.no_grad():
+            ms = cuda_median_ms(step, repeat=10, warmup=5, inner=DECODE_STEPS)
+        print(json.dumps({"batch": batch, "context": ctx, "ms": ms}), flush=True)
+        del step
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

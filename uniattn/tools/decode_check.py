@@ -1,0 +1,196 @@
+"""GPU check of the Triton decode kernels against the PyTorch reference path.
+
+    python -m uniattn.tools.decode_check [--out F.md]
+
+1. Kernel level, bf16, fresh random inputs per case: the output, the leader's probability rows and
+   a follower's ``P @ V`` against the float64 reference (``grouped_probs`` / ``grouped_apply``), for
+   LLaMA / Mistral / Gemma-2 / SmolLM2 head shapes, padded batches, sliding windows, Gemma-2's
+   soft-cap and context lengths that are not a multiple of the tile.
+2. Model level, tiny random models of each family (head_dim 64, float32): token-by-token decode of a
+   left-padded batch through a static and a dynamic cache, with the Triton kernels and with the
+   PyTorch path, each against one full forward (which never decodes); global and sliding leaders.
+3. Compiled: one static-cache decode step under ``torch.compile(mode="reduce-overhead",
+   fullgraph=True)`` with the Triton kernels, against the eager PyTorch path.
+
+Prints a markdown table and exits 1 if any case misses its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import transformers
+from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig, StaticCache
+
+import uniattn
+from uniattn.convert import uniattn_config_from
+from uniattn.io import write_text
+from uniattn.modeling import kernels, triton_decode
+from uniattn.modeling.kernels import grouped_apply, grouped_probs
+
+# (name, batch, heads, kv_heads, kv_len, head_dim, softcap, window, padded)
+KERNEL_CASES = [
+    ("llama 8/16k", 8, 32, 8, 16384, 128, None, None, False),
+    ("llama 1/4k+5", 1, 32, 8, 4101, 128, None, None, False),
+    ("llama 4/32k padded", 4, 32, 8, 32768, 128, None, None, True),
+    ("mistral window 4k", 2, 32, 8, 6000, 128, None, 4096, True),
+    ("gemma2 softcap", 2, 16, 8, 4096, 256, 50.0, None, True),
+    ("gemma2 sliding", 3, 16, 8, 4096, 256, 50.0, 4000, False),
+    ("smollm2 9/3 heads", 3, 9, 3, 1000, 64, None, None, True),
+]
+BF16_TOL = 2e-2  # relative L2 error; bf16 operands land between 1e-3 and 1e-2
+MODEL_TOL = 5e-3  # float32 models: the kernel's dots run in tf32
+
+
+def _mask(batch, kv_len, window, padded, device):
+    if window is None and not padded:
+        return None
+    mask = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool, device=device)
+    if window is not None:
+        mask[..., : kv_len - window] = False
+    if padded:
+        for b in range(batch):
+            mask[b, ..., : int(torch.randint(0, kv_len // 2, ()))] = False
+    return mask
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def kernel_rows():
+    rows = []
+    for name, b, h, kvh, n, d, cap, window, padded in KERNEL_CASES:
+        dev = "cuda"
+        q = torch.randn(b, h, 1, d, device=dev, dtype=torch.bfloat16)
+        k, v, v2 = (torch.randn(b, kvh, n, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        mask = _mask(b, n, window, padded, dev)
+        scale = d ** -0.5
+        out, dec = triton_decode.decode_attend(q, k, v, mask, scale, cap, write_rows=True)
+        plain, none = triton_decode.decode_attend(q, k, v, mask, scale, cap, write_rows=False)
+        follower = triton_decode.decode_apply(dec, v2)
+        ref_p = grouped_probs(q.double(), k.double(), mask, scale, cap, h // kvh)
+        errs = {"output": rel(out, grouped_apply(ref_p, v.double())), "rows": rel(dec.dense(), ref_p),
+                "follower": rel(follower, grouped_apply(ref_p, v2.double())),
+                "no-rows output": rel(plain, grouped_apply(ref_p, v.double()))}
+        ok = none is None and all(e < BF16_TOL for e in errs.values()) and not out.isnan().any()
+        rows.append((f"kernel: {name}", errs, ok))
+    return rows
+
+
+def tiny_config(family, layout):
+    common = dict(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=5,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = {"llama": lambda: LlamaConfig(**common),
+           "mistral": lambda: MistralConfig(**common, sliding_window=7),
+           "gemma2": lambda: Gemma2Config(**common, sliding_window=7, query_pre_attn_scalar=64,
+                                          attn_logit_softcapping=3.0, final_logit_softcapping=5.0)}[family]()
+    torch.manual_seed(0)
+    stock = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+             "gemma2": transformers.Gemma2ForCausalLM}[family](cfg)
+    ucfg = uniattn_config_from(cfg, layout)
+    model = uniattn.UNIATTN_FAMILIES[family][1](ucfg)
+    model.load_state_dict(stock.state_dict(), strict=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.cuda().eval()
+
+
+def stepwise(model, ids, mask, cache_kind, prefix=3):
+    """Logits of a token-by-token decode of a left-padded batch after a ``prefix``-token prefill."""
+    b, t = ids.shape
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = StaticCache(config=model.config, max_cache_len=t + 3) if cache_kind == "static" else DynamicCache(
+        config=model.config)
+    out = model(ids[:, :prefix], attention_mask=mask[:, :prefix], position_ids=pos[:, :prefix],
+                past_key_values=cache, use_cache=True)
+    steps = [out.logits]
+    for i in range(prefix, t):
+        out = model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=pos[:, i:i + 1],
+                    past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
+def model_rows():
+    rows = []
+    ids = torch.randint(3, 101, (3, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5], mask[2, :11] = 0, 0
+    ids[mask == 0] = 0
+    real = mask.bool()
+    for family in ("llama", "mistral", "gemma2"):
+        for layout in ((2, 1, 6), (2, 0, 6)):
+            model = tiny_config(family, layout)
+            with torch.no_grad():
+                full = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+                errs = {}
+                for cache_kind in ("static", "dynamic"):
+                    for kernel in ("auto", "torch"):
+                        kernels.set_decode_kernel(kernel)
+                        got = stepwise(model, ids, mask, cache_kind)
+                        errs[f"{cache_kind} {'triton' if kernel == 'auto' else 'torch'}"] = rel(got[real], full[real])
+                kernels.set_decode_kernel("auto")
+            ok = all(e < MODEL_TOL for e in errs.values())
+            rows.append((f"model: {family} {' '.join(map(str, layout))}", errs, ok))
+    return rows
+
+
+def compiled_rows():
+    model = tiny_config("llama", (2, 1, 6)).to(torch.bfloat16)
+    ids = torch.randint(3, 101, (4, 40), device="cuda")
+    cache = StaticCache(config=model.config, max_cache_len=48)
+    step_ids, step_pos = ids[:, -1:], torch.full((4, 1), 39, device="cuda")
+    with torch.no_grad():
+        model(ids[:, :39], past_key_values=cache, use_cache=True)
+
+        def step():
+            for layer in cache.layers:  # decode the same position again
+                layer.cumulative_length.fill_(39)
+            return model(input_ids=step_ids, position_ids=step_pos, past_key_values=cache, use_cache=True).logits
+
+        kernels.set_decode_kernel("torch")
+        ref = step().clone()
+        kernels.set_decode_kernel("auto")
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):
+            got = compiled().clone()
+    err = rel(got, ref)
+    return [("compiled static decode (bf16)", {"logits": err}, err < BF16_TOL)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="also write the table here (markdown)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or triton_decode.triton is None:
+        print("error: the check needs a CUDA GPU and Triton", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    rows = []
+    for part in (kernel_rows, model_rows, compiled_rows):
+        try:
+            got = part()
+        except Exception as e:  # report the part as failed and go on with the others
+            got = [(part.__name__, {f"error {type(e).__name__}: {str(e)[:200]}": float("nan")}, False)]
+        for row in got:
+            print(row, flush=True)
+        rows += got
+    lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, triton {triton_decode.triton.__version__}", "",
+             "| case | relative L2 errors | pass |", "|---|---|---|"]
+    for name, errs, ok in rows:
+        lines.append(f"| {name} | {', '.join(f'{k} {v:.1e}' for k, v in errs.items())} | {'yes' if ok else 'NO'} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        write_text(args.out, text)
+    return 0 if all(ok for _, _, ok in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
