@@ -37,8 +37,8 @@ except ImportError:  # torch < 2.6: launch the kernels directly (torch.compile t
     triton_op = wrap_triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Launch shape. PROGRAMS_PER_SM: enough independent loads in flight to keep HBM busy. Tiles of
-# BLOCK_N positions (half that above head_dim 128, where a tile of K is twice the bytes).
+# Launch shape. programs_per_sm: enough independent loads in flight to keep HBM busy. Tiles of
+# block_n positions (half that above head_dim 128, where a tile of K is twice the bytes).
 CONFIG = {"programs_per_sm": 8, "block_n": 64, "warps": 4, "stages": 3}  # best of a sweep on an H200
 
 
@@ -47,7 +47,7 @@ def available(query: torch.Tensor) -> bool:
     return triton is not None and (query.is_cuda or INTERPRET)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)  # torch.compile traces through the cache (and says so): as verified on the GPU
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
