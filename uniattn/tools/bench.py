@@ -19,8 +19,9 @@ run here on the same kernels. Times are medians of repeated runs with CUDA
 events after warm-up. Writes ``OUT.md`` (markdown tables with the command, card,
 versions and measured bandwidth) and PNG plots.
 
-The headline (``--part main``, LLaMA-3.1-8B shapes, layout 4 16 33) takes about
-ten minutes on one H200 or H100.
+The headline (``--part main``, LLaMA-3.1-8B shapes, layout 4 16 33) took 8.3 minutes on
+one H200 (docs/BENCHMARK.md). ``--part others`` and ``--part extra`` append to the same JSON:
+give them the ``--out`` of a run of this version, whose byte model leaves the embedding out.
 """
 
 from __future__ import annotations

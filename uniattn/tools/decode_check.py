@@ -80,7 +80,7 @@ def kernel_rows():
     return rows
 
 
-def tiny_config(family, layout):
+def tiny_model(family, layout):
     common = dict(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=5,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -125,23 +125,34 @@ def model_rows():
     real = mask.bool()
     for family in ("llama", "mistral", "gemma2"):
         for layout in ((2, 1, 6), (2, 0, 6)):
-            model = tiny_config(family, layout)
+            model = tiny_model(family, layout)
             with torch.no_grad():
                 full = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
                 errs = {}
+                launches = {"auto": 0, "torch": 0}
+                attend = triton_decode.decode_attend
                 for cache_kind in ("static", "dynamic"):
                     for kernel in ("auto", "torch"):
                         kernels.set_decode_kernel(kernel)
-                        got = stepwise(model, ids, mask, cache_kind)
+
+                        def counted(*a, _kernel=kernel, **kw):
+                            launches[_kernel] += 1
+                            return attend(*a, **kw)
+                        triton_decode.decode_attend = counted
+                        try:
+                            got = stepwise(model, ids, mask, cache_kind)
+                        finally:
+                            triton_decode.decode_attend = attend
                         errs[f"{cache_kind} {'triton' if kernel == 'auto' else 'torch'}"] = rel(got[real], full[real])
                 kernels.set_decode_kernel("auto")
-            ok = all(e < MODEL_TOL for e in errs.values())
+            # the Triton runs must have used the kernels, the PyTorch runs never
+            ok = all(e < MODEL_TOL for e in errs.values()) and launches["auto"] > 0 and launches["torch"] == 0
             rows.append((f"model: {family} {' '.join(map(str, layout))}", errs, ok))
     return rows
 
 
 def compiled_rows():
-    model = tiny_config("llama", (2, 1, 6)).to(torch.bfloat16)
+    model = tiny_model("llama", (2, 1, 6)).to(torch.bfloat16)
     ids = torch.randint(3, 101, (4, 40), device="cuda")
     cache = StaticCache(config=model.config, max_cache_len=48)
     step_ids, step_pos = ids[:, -1:], torch.full((4, 1), 39, device="cuda")
