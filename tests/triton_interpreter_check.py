@@ -15,16 +15,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import conftest  # noqa: E402
 
-from transformers import DynamicCache, StaticCache  # noqa: E402
-
 from uniattn.modeling import kernels, triton_decode  # noqa: E402
 from uniattn.modeling.kernels import grouped_apply, grouped_probs  # noqa: E402
+from uniattn.tools.decode_check import rel, stepwise  # noqa: E402  (the GPU check's decode loop and error)
 
 assert triton_decode.INTERPRET and triton_decode.triton is not None, "needs TRITON_INTERPRET=1 and Triton"
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def kernel_cases():
@@ -81,16 +76,7 @@ def model_cases():
                 with torch.no_grad():
                     full = uni(ids, attention_mask=mask, position_ids=pos).logits
                     for kind in ("static", "dynamic"):
-                        cache = (StaticCache(config=uni.config, max_cache_len=16) if kind == "static"
-                                 else DynamicCache(config=uni.config))
-                        out = uni(ids[:, :3], attention_mask=mask[:, :3], position_ids=pos[:, :3],
-                                  past_key_values=cache, use_cache=True)
-                        steps = [out.logits]
-                        for t in range(3, ids.shape[1]):
-                            out = uni(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1],
-                                      past_key_values=cache, use_cache=True)
-                            steps.append(out.logits)
-                        err = rel(torch.cat(steps, 1)[real], full[real])
+                        err = rel(stepwise(uni, ids, mask, kind, prefix=3)[real], full[real])
                         assert err < 1e-5, f"{family} {layout} {kind} cache: decode vs full forward {err:.2e}"
             finally:
                 triton_decode.decode_attend, triton_decode.decode_apply = attend, apply

@@ -69,10 +69,15 @@ class DecodeRows(NamedTuple):
         return (self.rows.float() * per_position)[:, :, None].to(self.rows.dtype)
 
 
+def block_size(head_dim: int) -> int:
+    """Positions per tile."""
+    return CONFIG["block_n"] if head_dim <= 128 else CONFIG["block_n"] // 2
+
+
 def plan(batch: int, kv_heads: int, kv_len: int, head_dim: int, device: torch.device) -> tuple[int, int, int]:
-    """``(block, tiles_per_split, splits)``: tiles of ``block`` positions, split so that about
+    """``(block, tiles_per_split, splits)``: tiles of ``block_size`` positions, split so that about
     ``CONFIG["programs_per_sm"]`` programs run per multiprocessor."""
-    block = CONFIG["block_n"] if head_dim <= 128 else CONFIG["block_n"] // 2
+    block = block_size(head_dim)
     tiles = triton.cdiv(kv_len, block)
     want = max(1, triton.cdiv(CONFIG["programs_per_sm"] * _sm_count(device), batch * kv_heads))
     per_split = triton.cdiv(tiles, min(want, tiles))
@@ -181,6 +186,12 @@ def _launch(kernel):
     return wrap_triton(kernel) if wrap_triton is not None and not INTERPRET else kernel
 
 
+def _shape_constants(group: int, head_dim: int, block: int) -> dict:
+    """Both kernels' compile-time shape and launch arguments (a KV group padded to the matrix units' 16 rows)."""
+    return dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block,
+                num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
+
+
 def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
                  scale: float, softcap: float, write_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                         torch.Tensor]:
@@ -202,9 +213,7 @@ def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
         m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0,
         rows.stride(0), rows.stride(1),
         kv_len, kv_heads, per_split, tiles, scale, softcap,
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block,
-        HAS_MASK=m is not None, SOFTCAP=softcap > 0, WRITE_ROWS=write_rows,
-        num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+        HAS_MASK=m is not None, SOFTCAP=softcap > 0, WRITE_ROWS=write_rows, **_shape_constants(g, d, block),
     )
     return partial, ml, rows, tmax
 
@@ -218,9 +227,7 @@ def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor) -
     _launch(_decode_apply_kernel)[(b * kv_heads, splits)](
         rows, factor, value, partial,
         rows.stride(0), rows.stride(1), value.stride(0), value.stride(1), value.stride(2),
-        kv_len, kv_heads, per_split, factor.shape[-1],
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=block,
-        num_warps=CONFIG["warps"], num_stages=CONFIG["stages"],
+        kv_len, kv_heads, per_split, factor.shape[-1], **_shape_constants(g, d, block),
     )
     return partial
 
@@ -264,8 +271,7 @@ def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float
     out = out.to(query.dtype)[:, None]
     if not write_rows:
         return out, None
-    block = plan(query.shape[0], key.shape[1], key.shape[2], key.shape[3], query.device)[0]
-    return out, DecodeRows(rows, torch.exp(tmax - top) / total, block)
+    return out, DecodeRows(rows, torch.exp(tmax - top) / total, block_size(key.shape[3]))
 
 
 def decode_apply(rows: DecodeRows, value: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DynamicCache, MistralConfig, StaticCache
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, StaticCache
 
 import uniattn
 from uniattn.convert import uniattn_config_from
@@ -95,20 +95,30 @@ def free():
 
 
 # ------------------------------------------------------------------ models
-def build_pair(shape: str, layout, attn: str = "sdpa"):
-    """A random bf16 stock model and a UniAttn model that shares its modules (only W_c is new)."""
+def random_stock(shape: str, attn: str = "sdpa"):
+    """The stock transformers model of ``shape`` (through the Auto class), random bf16 weights from
+    N(0, 0.02), on the GPU; ``attn="sdpa"`` gives the fastest exact stock kernel (``stock_kernels``)."""
     cls, kw = SHAPES[shape]
     config = cls(**kw, dtype=torch.bfloat16)
     config._attn_implementation = stock_kernels(config)["stock"] if attn == "sdpa" else attn
-    stock_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                   "gemma2": transformers.Gemma2ForCausalLM}[config.model_type]
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            stock = stock_class(config).eval()
-        for p in stock.parameters():
-            p.data.normal_(0, 0.02)
+            stock = AutoModelForCausalLM.from_config(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for p in stock.parameters():
+        p.data.normal_(0, 0.02)
+    return stock
+
+
+def build_pair(shape: str, layout, attn: str = "sdpa"):
+    """A random bf16 stock model and a UniAttn model that shares its modules (only W_c is new)."""
+    stock = random_stock(shape, attn)
+    config = stock.config
+    torch.set_default_dtype(torch.bfloat16)
+    try:
         uconfig = uniattn_config_from(config, layout)
         uconfig._attn_implementation = attn
         with torch.device("meta"):

@@ -2,11 +2,12 @@
 
     python -m uniattn.tools.bench_stock --shape llama3.1-8b --points 1x4096 8x16384 4x32768
 
-A stock transformers model (the shape's class, ``attn_implementation="sdpa"``, random bf16 weights)
-decodes one token per sequence from a static cache that already holds the context, under
+A stock transformers model (``bench.random_stock``: the shape's class, random bf16 weights) decodes
+one token per sequence from a static cache that already holds the context, under
 ``torch.compile(mode="reduce-overhead", fullgraph=True)`` with static shapes, compiled afresh
-for each point. The model runs transformers' own SDPA path, none of UniAttn's kernels, and no other
-model shares the process or the GPU's memory: the fastest stock configuration we know of.
+for each point. LLaMA and Mistral run transformers' own SDPA path, none of UniAttn's kernels (a
+Gemma-2 shape gets ``bench.stock_kernels``' exact kernel), and no other model shares the process
+or the GPU's memory: the fastest stock configuration we know of.
 Prints one JSON line per point: ``{"batch", "context", "ms"}``.
 """
 
@@ -17,7 +18,6 @@ import json
 import sys
 
 import torch
-import transformers
 
 
 def main(argv=None) -> int:
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="llama3.1-8b")
     p.add_argument("--points", nargs="+", required=True, metavar="BxCONTEXT")
     args = p.parse_args(argv)
-    from .bench import DECODE_STEPS, SHAPES, cuda_median_ms, static_decode_step
+    from .bench import DECODE_STEPS, cuda_median_ms, random_stock, static_decode_step
 
     points = []
     for text in args.points:
@@ -35,18 +35,7 @@ def main(argv=None) -> int:
             print(f"error: point {text!r} is not BATCHxCONTEXT (e.g. 8x16384)", file=sys.stderr)
             return 2
         points.append((batch, ctx))
-    cls, kw = SHAPES[args.shape]
-    config = cls(**kw, dtype=torch.bfloat16)
-    config._attn_implementation = "sdpa"
-    model_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                   "gemma2": transformers.Gemma2ForCausalLM}[config.model_type]
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = model_class(config).eval()
-    torch.set_default_dtype(torch.float32)
-    for prm in model.parameters():
-        prm.data.normal_(0, 0.02)
+    model = random_stock(args.shape)
     for batch, ctx in points:
         step = static_decode_step(model, batch, ctx, compiled=True)
         with torch.no_grad():

@@ -22,7 +22,7 @@ import sys
 
 import torch
 import transformers
-from transformers import DynamicCache, Gemma2Config, LlamaConfig, MistralConfig, StaticCache
+from transformers import AutoModelForCausalLM, DynamicCache, Gemma2Config, LlamaConfig, MistralConfig, StaticCache
 
 import uniattn
 from uniattn.convert import uniattn_config_from
@@ -89,8 +89,7 @@ def tiny_model(family, layout):
            "gemma2": lambda: Gemma2Config(**common, sliding_window=7, query_pre_attn_scalar=64,
                                           attn_logit_softcapping=3.0, final_logit_softcapping=5.0)}[family]()
     torch.manual_seed(0)
-    stock = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-             "gemma2": transformers.Gemma2ForCausalLM}[family](cfg)
+    stock = AutoModelForCausalLM.from_config(cfg)
     ucfg = uniattn_config_from(cfg, layout)
     model = uniattn.UNIATTN_FAMILIES[family][1](ucfg)
     model.load_state_dict(stock.state_dict(), strict=False)

@@ -4,27 +4,22 @@
 
 The shapes are ``kv_report``'s presets (LLaMA-3.1-8B, Mistral-7B, Gemma-2-9B); weights are drawn
 from N(0, 0.02) in bf16 (on the GPU when there is one), norms stay at their initial values, and
-the tokenizer files of ``--tokenizer`` (any checkpoint folder; its vocabulary must fit the shape's)
-are copied beside them. Nothing trained: figures from such a checkpoint speak for speed and
+the tokenizer of ``--tokenizer`` (any checkpoint folder; its vocabulary must fit the shape's) is
+saved beside them. Nothing trained: figures from such a checkpoint speak for speed and
 memory, never for quality. The folder appears complete or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 import torch
-import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..io import atomic_dir
+from ..convert import save_checkpoint
 from .kv_report import PRESETS
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja")
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,9 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     args = p.parse_args(argv)
-    found = [f for f in TOKENIZER_FILES if (Path(args.tokenizer) / f).is_file()]
-    if "tokenizer.json" not in found and "tokenizer.model" not in found:
-        print(f"error: --tokenizer {args.tokenizer} holds no tokenizer.json or tokenizer.model", file=sys.stderr)
+    try:
+        AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as err:
+        print(f"error: --tokenizer {args.tokenizer} holds no tokenizer transformers can load ({err}); "
+              "pass a checkpoint folder with tokenizer.json or tokenizer.model", file=sys.stderr)
         return 2
     if Path(args.out).exists():
         print(f"error: --out {args.out} exists; remove it or pick another folder", file=sys.stderr)
@@ -43,24 +40,19 @@ def main(argv=None) -> int:
     cls, kw = PRESETS[args.shape]
     dtype = getattr(torch, args.dtype)
     config = cls(**kw, dtype=dtype)
-    model_class = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                   "gemma2": transformers.Gemma2ForCausalLM}[config.model_type]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for name, prm in model.named_parameters():
             if "norm" not in name:
                 prm.normal_(0, 0.02)
-    with atomic_dir(args.out) as tmp:
-        model.save_pretrained(tmp)
-        for f in found:
-            shutil.copy(Path(args.tokenizer) / f, Path(tmp) / f)
+    save_checkpoint(model, args.out, tokenizer_from=args.tokenizer)
     print(f"wrote {args.out}: {args.shape}, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters")
     return 0
 
