@@ -42,6 +42,20 @@ def test_report_names_where_the_stock_column_ran(tmp_path):
     md = bench_report.render({"env": env, "rows": [row]}, tmp_path / "b")
     assert "compiled (stock: own process)" in md and "Triton 3.6.0" in md
     assert f"{row['uniattn_bw_frac']:.0%}" in md and round(row["method_ratio"], 3) == 0.9
+    assert "fused projections" not in md.split("## ")[0]
+    earlier = {**env, "command": "bench --part main", "copy_bandwidth_TBps": 4.26}
+    md = bench_report.render({"env": {**env, "fused_projections": True, "earlier_parts": [earlier]}, "rows": [row]},
+                             tmp_path / "b")
+    header = md.split("## ")[0]
+    assert "Earlier part: `bench --part main`" in header and "4.26 TB/s" in header and "fused projections" in header
+
+
+def test_new_gpu_tools_check_their_arguments_first():
+    for args, expected in ((["uniattn.tools.matmul_sweep", "--tokens", "8", "32"], "each must be 1-16"),
+                           (["uniattn.tools.prefill_check", "--rounds", "0"], "must be positive"),
+                           (["uniattn.tools.decode_sweep", "--grid", "warps=four"], "must be integers")):
+        proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr[-500:])
 
 
 def test_long_records_fill_the_length(tmp_path):

@@ -24,6 +24,8 @@ from .modeling import (
     UniAttnMistralConfig,
     UniAttnMistralForCausalLM,
     UniAttnMistralModel,
+    fuse_projections,
+    unfuse_projections,
 )
 
 __version__ = "0.1.0"

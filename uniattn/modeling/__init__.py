@@ -6,6 +6,7 @@ where the ``uniattn`` package is not installed; hence sibling-relative imports o
 """
 
 from .configuration_uniattn import UniAttnGemma2Config, UniAttnLlamaConfig, UniAttnMistralConfig
+from .fused import fuse_projections, unfuse_projections
 from .layout import FOLLOWER, LEADER, ORDINARY, SuperBlockLayout
 from .modeling_uniattn import (
     UNIATTN_FAMILIES,

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
@@ -57,6 +58,22 @@ def attention_function(module: nn.Module, softcap: float | None) -> Callable:
             "use model.set_attn_implementation('eager' | 'flash_attention_2' | 'flex_attention')"
         )
     return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+
+
+# Token rows up to which fused projections serve: where a product is one pass over its weights
+# (decode). At prefill lengths fused ones made the stock model 3-4% slower on an H200 at 4k-16k
+# tokens (uniattn.tools.prefill_check; docs/BENCHMARK.md).
+FUSED_MAX_TOKENS = 128
+
+
+def fused_outputs(module: nn.Module, group: str, x: torch.Tensor):
+    """The outputs of a fused group of projections of ``x`` from one product (``fused.py``), or
+    ``None`` where the module is not fused, ``x`` holds more than ``FUSED_MAX_TOKENS`` token rows,
+    or a gradient is being taken."""
+    weight = getattr(module, f"fused_{group}_weight", None)
+    if weight is None or torch.is_grad_enabled() or x.numel() > FUSED_MAX_TOKENS * x.shape[-1]:
+        return None
+    return F.linear(x, weight, getattr(module, f"fused_{group}_bias")).split(module.fused_sizes[group], dim=-1)
 
 
 @dataclass
@@ -101,9 +118,10 @@ class SoftmaxAttentionMixin:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        qkv = fused_outputs(self, "qkv", hidden_states)
+        if qkv is None:
+            qkv = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query_states, key_states, value_states = (t.view(hidden_shape).transpose(1, 2) for t in qkv)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -230,7 +248,9 @@ class FollowerAttention(_FollowerBase):
 
     def follow(self, hidden_states, state, position_embeddings, past_key_values, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        value_states = self.v_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        fused = fused_outputs(self, "v_wc", hidden_states)
+        value_states = fused[0] if fused is not None else self.v_proj(hidden_states)
+        value_states = value_states.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             _, value_states = past_key_values.update(value_states[..., :0], value_states, self.layer_idx)
         if state.probs is not None:
@@ -242,7 +262,7 @@ class FollowerAttention(_FollowerBase):
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         if not self.has_compensation:
             return attn_output
-        return attn_output + self.compensation(hidden_states)
+        return attn_output + (fused[1] if fused is not None else self.compensation(hidden_states))
 
 
 class KVSharingFollowerAttention(_FollowerBase):

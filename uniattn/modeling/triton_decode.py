@@ -10,6 +10,9 @@ the GPU and each K/V row is read once for all the query heads of its group:
   probability is ``rows * factor``: no second pass over the scores is needed to normalise them.
 * ``decode_apply``: a follower's ``P @ V`` from those rows and its own V cache; it never reads K.
 
+A third kernel, ``_decode_merge_kernel``, merges ``decode_attend``'s splits (and writes the leader's
+factors) in one launch, where the same merge in PyTorch ops compiles to two or three.
+
 Masks are SDPA's boolean masks (``True`` = attend), ``[batch, 1, 1, kv_len]`` or broadcastable,
 so padding, sliding windows and a static cache's unfilled tail are all honoured; ``None`` attends
 to every position, as SDPA does. ``kernels.py`` calls these for decode on CUDA and keeps its
@@ -182,6 +185,42 @@ if triton is not None:
         tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
 
 
+    @triton.jit
+    def _decode_merge_kernel(
+        PART, ML, TMAX, OUT, FACTOR, n_splits, n_tiles,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_ROWS: tl.constexpr,
+    ):
+        # One program per (sequence, head): the splits' partial outputs, weighted by exp(m - top), over
+        # the total weight; and, for a leader, each tile's factor exp(tile max - top) / total.
+        row = tl.program_id(0)
+        d = tl.arange(0, D)
+        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            top = tl.maximum(top, tl.load(ML + (row * n_splits + s) * 2, mask=s < n_splits, other=float("-inf")))
+        top_all = tl.max(top, 0)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            live = s < n_splits
+            m = tl.load(ML + (row * n_splits + s) * 2, mask=live, other=float("-inf"))
+            w = tl.where(live, tl.exp(m - top_all), 0.0)
+            total += tl.load(ML + (row * n_splits + s) * 2 + 1, mask=live, other=0.0) * w
+            part = tl.load(PART + (row * n_splits + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+            acc += tl.sum(part * w[:, None], 0)
+        total_all = tl.sum(total, 0)
+        # A query that may attend to nothing (a padding position) gets zeros, not 0/0: its value would
+        # otherwise enter later layers' caches, where even a zero probability times NaN is NaN.
+        total_all = tl.where(total_all > 0, total_all, 1.0)
+        tl.store(OUT + row * D + d, (acc / total_all).to(OUT.dtype.element_ty))
+        if WRITE_ROWS:
+            for t0 in range(0, n_tiles, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                tmax = tl.load(TMAX + row * n_tiles + t, mask=t < n_tiles, other=0.0)
+                tl.store(FACTOR + row * n_tiles + t, tl.exp(tmax - top_all) / total_all, mask=t < n_tiles)
+
+
 def _launch(kernel):
     return wrap_triton(kernel) if wrap_triton is not None and not INTERPRET else kernel
 
@@ -232,11 +271,25 @@ def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor) -
     return partial
 
 
+def _merge_impl(partial: torch.Tensor, ml: torch.Tensor, tmax: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, splits, d = partial.shape
+    out = torch.empty(b, h, d, device=partial.device, dtype=dtype)
+    factor = torch.empty_like(tmax)
+    _launch(_decode_merge_kernel)[(b * h,)](
+        partial, ml, tmax, out, factor, splits, tmax.shape[-1],
+        D=d, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_T=256, WRITE_ROWS=tmax.shape[-1] > 0,
+        num_warps=4,
+    )
+    return out, factor
+
+
 if triton is not None and triton_op is not None and not INTERPRET:
     _attend_op = triton_op("uniattn::decode_attend", mutates_args=())(_attend_impl)
     _apply_op = triton_op("uniattn::decode_apply", mutates_args=())(_apply_impl)
+    _merge_op = triton_op("uniattn::decode_merge", mutates_args=())(_merge_impl)
 else:
-    _attend_op, _apply_op = _attend_impl, _apply_impl
+    _attend_op, _apply_op, _merge_op = _attend_impl, _apply_impl, _merge_impl
 
 
 def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
@@ -260,18 +313,11 @@ def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float
     """
     partial, ml, rows, tmax = _attend_op(query, key, value, mask, float(scale), float(softcap or 0.0),
                                          bool(write_rows))
-    m, l = ml[..., 0], ml[..., 1]
-    top = m.amax(-1, keepdim=True)
-    w = torch.exp(m - top)
-    total = (l * w).sum(-1, keepdim=True)
-    # A query that may attend to nothing (a padding position) gets zeros, not 0/0: its value would
-    # otherwise enter later layers' caches, where even a zero probability times NaN is NaN.
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    out = (partial * w[..., None]).sum(2) / total
-    out = out.to(query.dtype)[:, None]
+    out, factor = _merge_op(partial, ml, tmax, query.dtype)
+    out = out[:, None]
     if not write_rows:
         return out, None
-    return out, DecodeRows(rows, torch.exp(tmax - top) / total, block_size(key.shape[3]))
+    return out, DecodeRows(rows, factor, block_size(key.shape[3]))
 
 
 def decode_apply(rows: DecodeRows, value: torch.Tensor) -> torch.Tensor:

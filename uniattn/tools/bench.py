@@ -44,6 +44,7 @@ from uniattn.convert import uniattn_config_from
 from uniattn.loading import soft_capped
 from uniattn.io import write_text
 from uniattn.modeling.cache import make_value_only
+from uniattn.modeling.fused import fuse_projections, unfuse_projections
 from uniattn.tools.kv_report import PRESETS, cache_bytes, has_window
 from uniattn.modeling import triton_decode
 from uniattn.modeling.kernels import DECODE_KERNELS, GROUPED_FLEX, GROUPED_SDPA, set_decode_kernel
@@ -302,6 +303,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--decode_kernel", choices=DECODE_KERNELS, default="auto",
                    help="auto: UniAttn's Triton decode kernels; torch: its PyTorch reference path")
+    p.add_argument("--no_fuse", action="store_true",
+                   help="UniAttn and stock on its kernel without fused projections (uniattn.fuse_projections)")
     p.add_argument("--minutes", type=float, default=8.0, help="time budget; later points are skipped past it")
     args = p.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64  # one graph per (kernel, batch, context)
@@ -320,6 +323,9 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     results["env"]["copy_bandwidth_TBps"] = round(bw / 1e12, 3)
     set_decode_kernel(args.decode_kernel)
+    global FUSE
+    FUSE = not args.no_fuse
+    results["env"]["fused_projections"] = FUSE
     triton = triton_decode.triton
     results["env"]["triton"] = triton.__version__ if triton is not None else "none"
     results["env"]["decode_kernel"] = ("Triton split-context kernels" if args.decode_kernel == "auto" and triton is not None
@@ -328,11 +334,14 @@ def main(argv=None) -> int:
     main_run = ("llama3.1-8b", (4, 16, 33))
     others = [("llama3.1-8b", (2, 16, 32)), ("llama3.1-8b", (4, 0, 32)), ("mistral-7b", (4, 16, 33)),
               ("gemma2-9b", (4, 21, 43))]
-    runs = {"all": [main_run, *others], "main": [main_run], "others": others}[args.part]
     if out.with_suffix(".json").exists() and args.part in ("others", "extra"):  # append to earlier parts
-        results["rows"] = json.loads(out.with_suffix(".json").read_text())["rows"]
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        results["rows"] = earlier["rows"]
+        earlier_env = earlier["env"]
+        results["env"]["earlier_parts"] = earlier_env.pop("earlier_parts", []) + [earlier_env]
     if args.part == "extra":
         return extra(out, results, bw)
+    runs = {"all": [main_run, *others], "main": [main_run], "others": others}[args.part]
     deadline = time.time() + args.minutes * 60
     for shape, layout in runs:
         if time.time() > deadline:
@@ -368,17 +377,29 @@ def stock_kernels(config) -> dict:
     return {"stock": "sdpa", "stock_grouped": GROUPED_SDPA}
 
 
+FUSE = True  # UniAttn and stock on its kernel serve with fused projections (--no_fuse: without)
+
+
 def _run_variants(stock, uni, fn, names=VARIANTS):
-    """``fn(model)`` for the variants in ``names``; the stock model switches kernels in between."""
+    """``fn(model)`` for the variants in ``names``; the stock model switches kernels in between, and
+    the variants on UniAttn's serving path get its fused projections (``fuse_projections``), which
+    the plain stock variant never has."""
     res = {}
     kernels = stock_kernels(stock.config)
-    for name in names:
-        model = uni if name == "uniattn" else stock
-        if model is stock:
-            stock.set_attn_implementation(kernels[name])
-        res[name] = fn(model)
+    try:
+        for name in names:
+            model = uni if name == "uniattn" else stock
+            if model is stock:
+                stock.set_attn_implementation(kernels[name])
+            if FUSE and name != "stock":
+                fuse_projections(model)
+            res[name] = fn(model)
+            free()
+    finally:  # the two models share their modules: leave both plain
+        unfuse_projections(stock)
+        unfuse_projections(uni)
+        stock.set_attn_implementation(kernels["stock"])
         free()
-    stock.set_attn_implementation(kernels["stock"])
     return res
 
 

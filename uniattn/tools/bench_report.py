@@ -16,10 +16,15 @@ def render(results: dict, out: Path) -> str:
     lines = [
         "# GPU benchmark: stock transformers vs UniAttn",
         "",
+        *(f"Earlier part: `{e['command']}` (commit {e.get('commit', '?')}, copy bandwidth "
+          f"{e.get('copy_bandwidth_TBps', '?')} TB/s)  " for e in env.get("earlier_parts", [])),
         f"Command: `{env['command']}` (commit {env.get('commit', '?')})  ",
         f"Card: {env['gpu']}, driver {env['driver']}; torch {env['torch']}, transformers {env['transformers']}; "
         f"bf16, SDPA, random weights. Measured copy bandwidth {env['copy_bandwidth_TBps']} TB/s."
-        + (f" Triton {env['triton']}; UniAttn's decode kernel: {env['decode_kernel']}." if "triton" in env else ""),
+        + (f" Triton {env['triton']}; UniAttn's decode kernel: {env['decode_kernel']}." if "triton" in env else "")
+        + (" UniAttn and stock on its kernel serve with fused projections (Q/K/V, V/W_c, gate/up; "
+           "`uniattn.fuse_projections`), which the plain stock column does not have."
+           if env.get("fused_projections") else ""),
         "",
         "Times are medians of repeated runs timed with CUDA events after warm-up. *ideal* is the byte-model "
         "ratio (weights + KV bytes read per decode step; runs with a decode kernel named above leave out the "
@@ -64,7 +69,8 @@ def render(results: dict, out: Path) -> str:
         lines.append("")
     if "decode_ms" in by:
         lines += ["## Decode, ms per token", "",
-                  "*stock + grouped*: the stock model on UniAttn's decode kernel (`attn_implementation=\"uniattn_sdpa\"`); "
+                  "*stock + grouped*: the stock model on UniAttn's decode kernel (`attn_implementation=\"uniattn_sdpa\"`; "
+                  "with fused projections where the header says so); "
                   "*method* = UniAttn / (stock + grouped), the method's own share on the same kernels.", "",
                   "| model / layout | cache | batch | context | stock ms | stock + grouped ms | UniAttn ms | UniAttn / stock | method | ideal "
                   "| BW % stock | BW % stock + grouped | BW % UniAttn | limit ms stock / UniAttn |",

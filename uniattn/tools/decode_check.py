@@ -8,9 +8,10 @@
    soft-cap and context lengths that are not a multiple of the tile.
 2. Model level, tiny random models of each family (head_dim 64, float32): token-by-token decode of a
    left-padded batch through a static and a dynamic cache, with the Triton kernels and with the
-   PyTorch path, each against one full forward (which never decodes); global and sliding leaders.
+   PyTorch path, each against one full forward (which never decodes); global and sliding leaders;
+   and once more with fused projections (``uniattn.fuse_projections``), the serving path.
 3. Compiled: one static-cache decode step under ``torch.compile(mode="reduce-overhead",
-   fullgraph=True)`` with the Triton kernels, against the eager PyTorch path.
+   fullgraph=True)`` with the Triton kernels and fused projections, against the eager PyTorch path.
 
 Prints a markdown table and exits 1 if any case misses its tolerance.
 """
@@ -28,6 +29,7 @@ import uniattn
 from uniattn.convert import uniattn_config_from
 from uniattn.io import write_text
 from uniattn.modeling import kernels, triton_decode
+from uniattn.modeling.fused import fuse_projections, unfuse_projections
 from uniattn.modeling.kernels import grouped_apply, grouped_probs
 
 # (name, batch, heads, kv_heads, kv_len, head_dim, softcap, window, padded)
@@ -144,6 +146,11 @@ def model_rows():
                             triton_decode.decode_attend = attend
                         errs[f"{cache_kind} {'triton' if kernel == 'auto' else 'torch'}"] = rel(got[real], full[real])
                 kernels.set_decode_kernel("auto")
+                fuse_projections(model)  # the serving path: fused projections on top of the kernels
+                try:
+                    errs["static triton fused"] = rel(stepwise(model, ids, mask, "static")[real], full[real])
+                finally:
+                    unfuse_projections(model)
             # the Triton runs must have used the kernels, the PyTorch runs never
             ok = all(e < MODEL_TOL for e in errs.values()) and launches["auto"] > 0 and launches["torch"] == 0
             rows.append((f"model: {family} {' '.join(map(str, layout))}", errs, ok))
@@ -166,11 +173,12 @@ def compiled_rows():
         kernels.set_decode_kernel("torch")
         ref = step().clone()
         kernels.set_decode_kernel("auto")
+        fuse_projections(model)
         compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
         for _ in range(3):
             got = compiled().clone()
     err = rel(got, ref)
-    return [("compiled static decode (bf16)", {"logits": err}, err < BF16_TOL)]
+    return [("compiled static decode, fused projections (bf16)", {"logits": err}, err < BF16_TOL)]
 
 
 def main(argv=None) -> int:

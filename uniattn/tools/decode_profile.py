@@ -3,9 +3,10 @@
     python -m uniattn.tools.decode_profile --batch 8 --context 16384 [--variant uniattn|stock_grouped]
 
 Builds the benchmark's LLaMA-3.1-8B-shaped pair (``bench.build_pair``, layout 4 16 33), compiles one
-static-cache decode step like ``bench`` does, profiles 5 steps, and prints the kernels by total
-GPU time. Matrix products show as cuBLAS kernels (``nvjet``/``gemm``), the attention as
-``_decode_attend_kernel`` / ``_decode_apply_kernel``, and the rest as Inductor's fused kernels.
+static-cache decode step like ``bench`` does (fused projections unless ``--no_fuse``), profiles
+5 steps, and prints the kernels by total GPU time. Matrix products show as cuBLAS kernels
+(``nvjet``/``gemm``), the attention as ``_decode_attend_kernel`` / ``_decode_merge_kernel`` /
+``_decode_apply_kernel``, and the rest as Inductor's fused kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..modeling.fused import fuse_projections
 from . import bench
 
 
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--variant", choices=("uniattn", "stock_grouped"), default="uniattn")
     p.add_argument("--rows", type=int, default=18, help="kernels to list")
+    p.add_argument("--no_fuse", action="store_true", help="without fused projections (uniattn.fuse_projections)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: the profile needs a CUDA GPU", file=sys.stderr)
@@ -34,6 +37,8 @@ def main(argv=None) -> int:
     if args.variant == "stock_grouped":
         model = stock
         stock.set_attn_implementation(bench.stock_kernels(stock.config)["stock_grouped"])
+    if not args.no_fuse:
+        fuse_projections(model)
     b, n = args.batch, args.context
     step = bench.static_decode_step(model, b, n, compiled=True)
 

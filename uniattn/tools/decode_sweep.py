@@ -1,13 +1,13 @@
 """Launch-shape sweep of the Triton decode kernels on this GPU: which ``triton_decode.CONFIG`` is fastest.
 
-    python -m uniattn.tools.decode_sweep [--out F.md]
+    python -m uniattn.tools.decode_sweep [--out F.md] [--grid programs_per_sm=8,16 stages=3,4]
 
 For each configuration (programs per SM, tile positions, warps, pipeline stages) and each shape
 (LLaMA-3.1-8B heads at batch 8 / 16k and batch 1 / 4k, Gemma-2-9B heads at batch 2 / 8k), times
 ``decode_attend`` without and with the leader's rows, and ``decode_apply``, each as a CUDA graph of
 20 calls (launch gaps out, the split merge in), over two K/V sets so that no call finds the last
 one's bytes in L2. Prints the K/V bytes each call reads per second and, per shape and kernel, the
-best configuration. Set the winner in ``uniattn/modeling/triton_decode.py``'s ``CONFIG``.
+best configuration. ``--grid`` replaces the swept values of the keys it names. Set the winner in ``uniattn/modeling/triton_decode.py``'s ``CONFIG``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,20 @@ def graph_ms(fn, calls: int = 20) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="also write the table here (markdown)")
+    p.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2",
+                   help=f"swept values to use instead of the defaults {GRID}")
     args = p.parse_args(argv)
+    grid = dict(GRID)
+    for item in args.grid:
+        key, _, values = item.partition("=")
+        if key not in GRID or not values:
+            print(f"error: --grid {item!r}: write KEY=V1,V2 with KEY one of {', '.join(GRID)}", file=sys.stderr)
+            return 2
+        try:
+            grid[key] = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            print(f"error: --grid {item!r}: the values must be integers", file=sys.stderr)
+            return 2
     if not torch.cuda.is_available() or td.triton is None:
         print("error: the sweep needs a CUDA GPU and Triton", file=sys.stderr)
         return 2
@@ -72,8 +85,8 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|"]
     best = {}
     try:
-        for values in itertools.product(*GRID.values()):
-            td.CONFIG.update(zip(GRID, values))
+        for values in itertools.product(*grid.values()):
+            td.CONFIG.update(zip(grid, values))
             for shape, (q, kvs, mask) in inputs.items():
                 kv_bytes = 2 * kvs[0][0].numel() * kvs[0][0].element_size()
                 turn = itertools.cycle(kvs)
@@ -90,7 +103,7 @@ def main(argv=None) -> int:
                         best[shape, kernel] = (rate, values)
     finally:
         td.CONFIG.update(default)
-    lines += ["", f"Best per shape and kernel ({', '.join(GRID)}):", ""]
+    lines += ["", f"Best per shape and kernel ({', '.join(grid)}):", ""]
     lines += [f"- {shape} {kernel}: {rate:.2f} TB/s at {values}" for (shape, kernel), (rate, values) in sorted(best.items())]
     text = "\n".join(lines) + "\n"
     print("\n".join(lines[-len(best) - 2:]))

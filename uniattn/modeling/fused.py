@@ -1,0 +1,120 @@
+"""Fused projections for serving: one matrix product wherever one input meets several weights.
+
+A decode step reads every weight once, and at a batch of 1-16 tokens each matrix product is one
+pass over its weight. Short passes run far below the memory bandwidth: on an H200 at 8 tokens an
+8 MB K or V projection of LLaMA-3.1-8B reads at 1.1 TB/s, the 32 MB Q at 2.3 TB/s, and their
+48 MB concatenation at 3.2 TB/s; gate and up apart at 3.9 TB/s, together at 4.2 TB/s
+(``python -m uniattn.tools.matmul_sweep``). ``fuse_projections(model)`` concatenates, in place:
+
+* Q, K and V of every Softmax attention layer (ordinary layers and leaders);
+* V and ``W_c`` of every follower (both read the layer input ``u``);
+* gate and up of every MLP.
+
+No weight is held twice: each parameter becomes a view into its group's concatenated buffer, so
+the state dict, parameter counts and optimiser updates are unchanged. The fused product serves
+only where no gradient is taken (inference) and for at most ``attention.FUSED_MAX_TOKENS`` token
+rows (decode; prefill keeps the separate products, which are as fast there); otherwise the layers
+use their parameters as before. ``unfuse_projections`` gives every parameter its own storage again; call it before
+saving (safetensors refuses tensors that share storage).
+
+It applies to UniAttn models and to stock LLaMA / Mistral / Gemma-2 models alike (a stock
+attention module gets the UniAttn ordinary-layer forward, the stock computation), so that a
+benchmark can give both the same serving path.
+
+Imports only sibling files, like the rest of this folder (saved checkpoints do not need it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from .attention import FollowerAttention, SoftmaxAttentionMixin, fused_outputs
+
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("v_proj", "compensation"),
+          "gate_up": ("gate_proj", "up_proj")}
+
+
+class FusedGateUpMLP:
+    """On top of a family's stock MLP (``down(act(gate x) * up x)``): gate and up from one product."""
+
+    def forward(self, x):
+        fused = fused_outputs(self, "gate_up", x)
+        if fused is None:
+            return super().forward(x)
+        gate, up = fused
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+@functools.lru_cache(maxsize=None)
+def _on_top(mixin: type, cls: type) -> type:
+    return type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
+
+
+def _fuse(owner: nn.Module, group: str) -> bool:
+    linears = [getattr(owner, name, None) for name in GROUPS[group]]
+    if not all(isinstance(lin, nn.Linear) for lin in linears) or hasattr(owner, f"fused_{group}_weight"):
+        return False
+    if len({lin.bias is None for lin in linears}) > 1:
+        return False  # some with a bias, some without: left as they are
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        start = 0
+        for lin in linears:
+            stop = start + lin.out_features
+            lin.weight.data = weight[start:stop]
+            if bias is not None:
+                lin.bias.data = bias[start:stop]
+            start = stop
+    owner.register_buffer(f"fused_{group}_weight", weight, persistent=False)
+    owner.register_buffer(f"fused_{group}_bias", bias, persistent=False)
+    owner.fused_sizes = {**getattr(owner, "fused_sizes", {}), group: [lin.out_features for lin in linears]}
+    return True
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse, in place, the projections that share an input (see the module docstring); returns how
+    many groups were fused. Idempotent."""
+    count = 0
+    for module in list(model.modules()):
+        if isinstance(module, FollowerAttention):
+            count += _fuse(module, "v_wc")
+        elif all(isinstance(getattr(module, n, None), nn.Linear) for n in GROUPS["qkv"] + ("o_proj",)):
+            if not isinstance(module, SoftmaxAttentionMixin):  # a stock attention module
+                _swap_class(module, SoftmaxAttentionMixin)
+            count += _fuse(module, "qkv")
+        elif all(isinstance(getattr(module, n, None), nn.Linear) for n in GROUPS["gate_up"] + ("down_proj",)):
+            if not isinstance(module, FusedGateUpMLP):
+                _swap_class(module, FusedGateUpMLP)
+            count += _fuse(module, "gate_up")
+    return count
+
+
+def _swap_class(module: nn.Module, mixin: type) -> None:
+    module._unfused_class = type(module)
+    module.__class__ = _on_top(mixin, type(module))
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo ``fuse_projections``: every parameter gets its own storage, the fused buffers go and
+    modules get their own classes back; returns how many groups were unfused."""
+    count = 0
+    for module in model.modules():
+        for group, names in GROUPS.items():
+            if getattr(module, f"fused_{group}_weight", None) is None:
+                continue
+            with torch.no_grad():
+                for name in names:
+                    lin = getattr(module, name)
+                    lin.weight.data = lin.weight.data.clone()
+                    if lin.bias is not None:
+                        lin.bias.data = lin.bias.data.clone()
+            delattr(module, f"fused_{group}_weight")
+            delattr(module, f"fused_{group}_bias")
+            count += 1
+        if "_unfused_class" in module.__dict__:
+            module.__class__ = module.__dict__.pop("_unfused_class")
+    return count
