@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, make_pair, random_batch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from uniattn import fuse_projections, unfuse_projections
 from uniattn.modeling.attention import FUSED_MAX_TOKENS, FollowerAttention
@@ -90,3 +90,16 @@ def test_fused_decode_matches_the_full_forward(family):
         steps = [uni(ids[:, :5], past_key_values=past, use_cache=True).logits]
         steps += [uni(ids[:, t:t + 1], past_key_values=past, use_cache=True).logits for t in range(5, 8)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fused_model_saves_the_separate_weights(tmp_path):
+    _, uni = make_pair("mistral", attn="sdpa", seed=17)
+    ids, _ = random_batch(batch=2, length=8, seed=18)
+    with torch.no_grad():
+        before = uni(ids).logits
+    fuse_projections(uni)
+    uni.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not any("fused" in k for k in again.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, before, rtol=1e-5, atol=1e-5)

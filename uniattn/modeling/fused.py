@@ -1,10 +1,11 @@
 """Fused projections for serving: one matrix product wherever one input meets several weights.
 
 A decode step reads every weight once, and at a batch of 1-16 tokens each matrix product is one
-pass over its weight. Short passes run far below the memory bandwidth: on an H200 at 8 tokens an
-8 MB K or V projection of LLaMA-3.1-8B reads at 1.1 TB/s, the 32 MB Q at 2.3 TB/s, and their
-48 MB concatenation at 3.2 TB/s; gate and up apart at 3.9 TB/s, together at 4.2 TB/s
-(``python -m uniattn.tools.matmul_sweep``). ``fuse_projections(model)`` concatenates, in place:
+pass over its weight. Short passes run far below the memory bandwidth: on an H200 at 8 tokens,
+cuBLAS reads LLaMA-3.1-8B's 8 MB K or V projection at 1.0 TB/s, the 32 MB Q at 2.5 TB/s and their
+48 MB concatenation at 3.2 TB/s; gate alone at 3.8 TB/s, gate and up together at 4.1 TB/s
+(``python -m uniattn.tools.matmul_sweep``, docs/matmul_h200.md). ``fuse_projections(model)``
+concatenates, in place:
 
 * Q, K and V of every Softmax attention layer (ordinary layers and leaders);
 * V and ``W_c`` of every follower (both read the layer input ``u``);
@@ -13,9 +14,9 @@ pass over its weight. Short passes run far below the memory bandwidth: on an H20
 No weight is held twice: each parameter becomes a view into its group's concatenated buffer, so
 the state dict, parameter counts and optimiser updates are unchanged. The fused product serves
 only where no gradient is taken (inference) and for at most ``attention.FUSED_MAX_TOKENS`` token
-rows (decode; prefill keeps the separate products, which are as fast there); otherwise the layers
-use their parameters as before. ``unfuse_projections`` gives every parameter its own storage again; call it before
-saving (safetensors refuses tensors that share storage).
+rows (decode); prefill and training use the parameters as before. A fused model saves as before
+(``save_pretrained`` writes the separate weights; tested with transformers 5.17), and
+``unfuse_projections`` gives every parameter its own storage again.
 
 It applies to UniAttn models and to stock LLaMA / Mistral / Gemma-2 models alike (a stock
 attention module gets the UniAttn ordinary-layer forward, the stock computation), so that a
