@@ -103,3 +103,10 @@ def test_a_fused_model_saves_the_separate_weights(tmp_path):
     assert not any("fused" in k for k in again.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_stock_gemma2_on_sdpa_is_refused_after_fusing():
+    stock, _ = make_pair("gemma2", attn="sdpa", seed=19)  # stock SDPA drops the soft-cap silently
+    fuse_projections(stock)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="soft-cap.*eager"):
+        stock(torch.randint(3, 97, (1, 6)))

@@ -20,7 +20,9 @@ rows (decode); prefill and training use the parameters as before. A fused model 
 
 It applies to UniAttn models and to stock LLaMA / Mistral / Gemma-2 models alike (a stock
 attention module gets the UniAttn ordinary-layer forward, the stock computation), so that a
-benchmark can give both the same serving path.
+benchmark can give both the same serving path. That forward refuses a kernel that would drop a
+soft-cap: a stock Gemma-2 model on SDPA (transformers 5.17's default) then stops with an error
+naming the kernels that apply it.
 
 Imports only sibling files, like the rest of this folder (saved checkpoints do not need it).
 """

@@ -380,7 +380,7 @@ def stock_kernels(config) -> dict:
 FUSE = True  # UniAttn and stock on its kernel serve with fused projections (--no_fuse: without)
 
 
-def _run_variants(stock, uni, fn, names=VARIANTS):
+def run_variants(stock, uni, fn, names=VARIANTS):
     """``fn(model)`` for the variants in ``names``; the stock model switches kernels in between, and
     the variants on UniAttn's serving path get its fused projections (``fuse_projections``), which
     the plain stock variant never has."""
@@ -419,9 +419,9 @@ def decode_row(tag, mode, batch, ctx, res, bytes_stock, bytes_uni, bw) -> dict:
 def compiled_decode(stock, uni, batch, ctx, plain: dict) -> dict:
     """Compiled decode ms of the three variants; stock from ``plain`` (its own process) where measured."""
     if (batch, ctx) in plain:
-        res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled"), names=VARIANTS[1:])
+        res = run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled"), names=VARIANTS[1:])
         return {"stock": plain[batch, ctx], **res, "stock_source": "plain stock, own process"}
-    res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled"))
+    res = run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, "compiled"))
     return {**res, "stock_source": "stock model, this process"}
 
 
@@ -445,7 +445,7 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None)
             peaks[id(model), model.config._attn_implementation] = torch.cuda.max_memory_allocated() / 2**30
             return ms
 
-        res = _run_variants(stock, uni, prefill)
+        res = run_variants(stock, uni, prefill)
         res["stock_peak_GiB"] = peaks[id(stock), "sdpa"]
         res["uniattn_peak_GiB"] = peaks[id(uni), uni.config._attn_implementation]
         rows.append({"what": "prefill_ms", "model": tag, "batch": 1, "context": n, **res})
@@ -467,7 +467,7 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None)
                 if mode == "compiled":
                     res = compiled_decode(stock, uni, batch, ctx, plain or {})
                 else:
-                    res = _run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, mode))
+                    res = run_variants(stock, uni, lambda m: decode_ms(m, batch, ctx, mode))
         except torch.cuda.OutOfMemoryError:
             free()
             rows.append({"what": "decode_ms", "model": tag, "mode": mode, "batch": batch, "context": ctx, "oom": True})
@@ -488,7 +488,7 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None)
             return 8 * 128 / (time.perf_counter() - t)
 
         rows.append({"what": "generate_tokens_per_s", "model": tag, "batch": 8, "prompt": 1024, "new": 128,
-                     **_run_variants(stock, uni, gen)})
+                     **run_variants(stock, uni, gen)})
         print(rows[-1], flush=True)
         res = {name: largest_batch(m, 16384, deadline) for name, m in (("stock", stock), ("uniattn", uni))}
         rows.append({"what": "largest_batch", "model": tag, "context": 16384, **res})
@@ -529,7 +529,7 @@ def extra(out: Path, results: dict, bw: float) -> int:
         print(results["rows"][-1], flush=True)
         write(out, results)
     for n in (2048, 4096):  # after the compiled points: training leaves hooks on shared modules
-        res = _run_variants(stock, uni, lambda m: train_step_ms(m, n))
+        res = run_variants(stock, uni, lambda m: train_step_ms(m, n))
         results["rows"].append({"what": "train_step_ms", "model": tag, "batch": 1, "context": n, **res})
         print(results["rows"][-1], flush=True)
     write(out, results)

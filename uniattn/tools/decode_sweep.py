@@ -7,7 +7,8 @@ For each configuration (programs per SM, tile positions, warps, pipeline stages)
 ``decode_attend`` without and with the leader's rows, and ``decode_apply``, each as a CUDA graph of
 20 calls (launch gaps out, the split merge in), over two K/V sets so that no call finds the last
 one's bytes in L2. Prints the K/V bytes each call reads per second and, per shape and kernel, the
-best configuration. ``--grid`` replaces the swept values of the keys it names. Set the winner in ``uniattn/modeling/triton_decode.py``'s ``CONFIG``.
+best configuration. ``--grid`` replaces the swept values of the keys it names. Set the winner in
+``uniattn/modeling/triton_decode.py``'s ``CONFIG``.
 """
 
 from __future__ import annotations

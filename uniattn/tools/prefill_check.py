@@ -4,7 +4,7 @@
 
 The benchmark's LLaMA-3.1-8B-shaped pair (``bench.build_pair``, layout 4 16 33, random bf16
 weights, one process) prefills one sequence per context. Each round times stock (SDPA), stock on
-UniAttn's serving path and UniAttn (``bench._run_variants``: fused projections for the latter two)
+UniAttn's serving path and UniAttn (``bench.run_variants``: fused projections for the latter two)
 back to back, each the median of 5 timings after 2 warm-ups, so drifts of the card's clock hit the
 variants of a round alike. Prints per context the median over rounds of each variant and the
 per-round ratio UniAttn / stock: median, min and max.
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return bench.cuda_median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), repeat=5, warmup=2)
 
-        rounds = [bench._run_variants(stock, uni, prefill) for _ in range(args.rounds)]
+        rounds = [bench.run_variants(stock, uni, prefill) for _ in range(args.rounds)]
         med = {k: statistics.median(r[k] for r in rounds) for k in bench.VARIANTS}
         ratios = [r["uniattn"] / r["stock"] for r in rounds]
         lines.append(f"| {n} | {med['stock']:.1f} | {med['stock_grouped']:.1f} | {med['uniattn']:.1f} | "
