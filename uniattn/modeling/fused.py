@@ -56,10 +56,14 @@ def _on_top(mixin: type, cls: type) -> type:
     return type(cls.__name__, (mixin, cls), {"__module__": cls.__module__})
 
 
+def _has_linears(module: nn.Module, names) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
+
+
 def _fuse(owner: nn.Module, group: str) -> bool:
-    linears = [getattr(owner, name, None) for name in GROUPS[group]]
-    if not all(isinstance(lin, nn.Linear) for lin in linears) or hasattr(owner, f"fused_{group}_weight"):
+    if not _has_linears(owner, GROUPS[group]) or hasattr(owner, f"fused_{group}_weight"):
         return False
+    linears = [getattr(owner, name) for name in GROUPS[group]]
     if len({lin.bias is None for lin in linears}) > 1:
         return False  # some with a bias, some without: left as they are
     with torch.no_grad():
@@ -85,11 +89,11 @@ def fuse_projections(model: nn.Module) -> int:
     for module in list(model.modules()):
         if isinstance(module, FollowerAttention):
             count += _fuse(module, "v_wc")
-        elif all(isinstance(getattr(module, n, None), nn.Linear) for n in GROUPS["qkv"] + ("o_proj",)):
+        elif _has_linears(module, GROUPS["qkv"] + ("o_proj",)):
             if not isinstance(module, SoftmaxAttentionMixin):  # a stock attention module
                 _swap_class(module, SoftmaxAttentionMixin)
             count += _fuse(module, "qkv")
-        elif all(isinstance(getattr(module, n, None), nn.Linear) for n in GROUPS["gate_up"] + ("down_proj",)):
+        elif _has_linears(module, GROUPS["gate_up"] + ("down_proj",)):
             if not isinstance(module, FusedGateUpMLP):
                 _swap_class(module, FusedGateUpMLP)
             count += _fuse(module, "gate_up")

@@ -184,7 +184,6 @@ if triton is not None:
         row = (b * kv_heads * G + heads) * n_splits + split
         tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
 
-
     @triton.jit
     def _decode_merge_kernel(
         PART, ML, TMAX, OUT, FACTOR, n_splits, n_tiles,
