@@ -48,6 +48,9 @@ def test_report_names_where_the_stock_column_ran(tmp_path):
                              tmp_path / "b")
     header = md.split("## ")[0]
     assert "Earlier part: `bench --part main`" in header and "4.26 TB/s" in header and "fused projections" in header
+    skipped = bench.not_measured("m 4 16 33", ["decode static batch 1 / 4096", "generate()"])
+    md = bench_report.render({"env": env, "rows": [row, skipped]}, tmp_path / "b")
+    assert "Not measured (m 4 16 33; past the run's `--minutes` budget): decode static batch 1 / 4096, generate()." in md
 
 
 def test_new_gpu_tools_check_their_arguments_first():

@@ -430,6 +430,11 @@ def compiled_decode(stock, uni, batch, ctx, plain: dict) -> dict:
     return {**res, "stock_source": "stock model, this process"}
 
 
+def not_measured(tag: str, items: list) -> dict:
+    """A row naming what the ``--minutes`` budget left out, so that the report says so."""
+    return {"what": "not_measured", "model": tag, "items": items}
+
+
 def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None):
     rows = []
     tag = f"{shape} {' '.join(map(str, layout))}"
@@ -461,9 +466,11 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None)
                                      if full else [(16, 4096), (8, 16384)])]
     if full:
         plan += [("dynamic", p) for p in reference[:2]]
-    for mode, (batch, ctx) in plan:
+    for i, (mode, (batch, ctx)) in enumerate(plan):
         if time.time() > deadline:
             print("deadline reached: skipping the remaining decode points", flush=True)
+            rows.append(not_measured(tag, [f"decode {m} batch {b} / {c}" for m, (b, c) in plan[i:]]
+                                     + (["generate()", "largest batch"] if full else [])))
             break
         ideal_s = r_stock + batch * ctx * kv_bytes_per_token(stock, ctx)
         ideal_u = r_uni + batch * ctx * kv_bytes_per_token(uni, ctx)
@@ -479,6 +486,8 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None)
             continue
         rows.append(decode_row(tag, mode, batch, ctx, res, ideal_s, ideal_u, bw))
         print(rows[-1], flush=True)
+    if full and time.time() >= deadline and rows[-1]["what"] != "not_measured":
+        rows.append(not_measured(tag, ["generate()", "largest batch"]))
     if full and time.time() < deadline:
         ids = torch.randint(0, 1000, (8, 1024), device="cuda")
         mask = torch.ones_like(ids)

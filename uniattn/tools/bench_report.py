@@ -94,6 +94,8 @@ def render(results: dict, out: Path) -> str:
                 lines.append(f"| {r['model']}{extra} | {_fmt(r['stock'], '.1f')} | {_fmt(r.get('stock_grouped'), '.1f')} "
                              f"| {_fmt(r['uniattn'], '.1f')} | {r['uniattn'] / max(r['stock'], 1e-9) - 1:+.1%} |")
             lines.append("")
+    for r in by.get("not_measured", []):
+        lines += [f"Not measured ({r['model']}; past the run's `--minutes` budget): {', '.join(r['items'])}.", ""]
     png = _plot(by.get("decode_ms", []), out)
     if png:
         lines += [f"![decode]({png.name})", ""]
