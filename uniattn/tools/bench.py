@@ -351,7 +351,8 @@ def main(argv=None) -> int:
     for shape, layout in runs:
         if time.time() > deadline:
             print(f"deadline reached: {shape} {layout} not measured", flush=True)
-            break
+            results["rows"].append(not_measured(f"{shape} {' '.join(map(str, layout))}", ["every row"]))
+            continue
         is_main = (shape, layout) == main_run
         compile_ = not args.no_compile and is_main
         plain = stock_process(shape, HEADLINE) if compile_ else {}  # before this process takes the GPU's memory
@@ -362,6 +363,7 @@ def main(argv=None) -> int:
         del stock, uni
         free()
         write(out, results)
+    write(out, results)
     print(f"wrote {out}.md and {out}.json")
     return 0
 
