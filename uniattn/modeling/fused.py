@@ -34,6 +34,7 @@ import functools
 import torch
 from torch import nn
 
+from . import triton_linear
 from .attention import FollowerAttention, SoftmaxAttentionMixin, fused_outputs
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("v_proj", "compensation"),
@@ -49,6 +50,17 @@ class FusedGateUpMLP:
             return super().forward(x)
         gate, up = fused
         return self.down_proj(self.act_fn(gate) * up)
+
+
+class DecodeLinear:
+    """On top of ``nn.Linear``: decode-size products through ``triton_linear`` (``F.linear`` elsewhere)."""
+
+    def forward(self, x):
+        return triton_linear.linear(x, self.weight, self.bias)
+
+
+# The products that stay single after fusion: each layer's O and down projections and the output head.
+SINGLE = ("o_proj", "down_proj", "lm_head")
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,6 +109,10 @@ def fuse_projections(model: nn.Module) -> int:
             if not isinstance(module, FusedGateUpMLP):
                 _swap_class(module, FusedGateUpMLP)
             count += _fuse(module, "gate_up")
+        for name in SINGLE:
+            lin = getattr(module, name, None)
+            if type(lin) is nn.Linear:
+                _swap_class(lin, DecodeLinear)
     return count
 
 

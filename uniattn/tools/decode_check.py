@@ -6,6 +6,9 @@
    a follower's ``P @ V`` against the float64 reference (``grouped_probs`` / ``grouped_apply``), for
    LLaMA / Mistral / Gemma-2 / SmolLM2 head shapes, padded batches, sliding windows, Gemma-2's
    soft-cap and context lengths that are not a multiple of the tile.
+   The decode-size product kernel (``triton_linear``) against a float64 ``F.linear`` at LLaMA-3.1-8B
+   and Gemma-2-9B product shapes, 1-16 token rows, bf16 and fp16, with and without a bias, and
+   launched with PDL (equal to the plain launch, bit for bit).
 2. Model level, tiny random models of each family (head_dim 64, float32): token-by-token decode of a
    left-padded batch through a static and a dynamic cache, with the Triton kernels and with the
    PyTorch path, each against one full forward (which never decodes); global and sliding leaders;
@@ -28,7 +31,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, Gemma2Config, Llama
 import uniattn
 from uniattn.convert import uniattn_config_from
 from uniattn.io import write_text
-from uniattn.modeling import kernels, triton_decode
+from uniattn.modeling import kernels, triton_decode, triton_linear
 from uniattn.modeling.fused import fuse_projections, unfuse_projections
 from uniattn.modeling.kernels import grouped_apply, grouped_probs
 
@@ -42,6 +45,10 @@ KERNEL_CASES = [
     ("gemma2 sliding", 3, 16, 8, 4096, 256, 50.0, 4000, False),
     ("smollm2 9/3 heads", 3, 9, 3, 1000, 64, None, None, True),
 ]
+# (name, N, K): product shapes of LLaMA-3.1-8B and Gemma-2-9B
+LINEAR_CASES = [("llama q+k+v", 6144, 4096), ("llama o", 4096, 4096), ("llama gate+up", 28672, 4096),
+                ("llama down", 4096, 14336), ("llama head", 128256, 4096), ("gemma2 q+k+v", 8192, 3584),
+                ("gemma2 o", 3584, 4096), ("gemma2 down", 3584, 14336)]
 BF16_TOL = 2e-2  # relative L2 error; bf16 operands land between 1e-3 and 1e-2
 MODEL_TOL = 5e-3  # float32 models: the kernel's dots run in tf32
 
@@ -79,6 +86,28 @@ def kernel_rows():
                 "no-rows output": rel(plain, grouped_apply(ref_p, v.double()))}
         ok = none is None and all(e < BF16_TOL for e in errs.values()) and not out.isnan().any()
         rows.append((f"kernel: {name}", errs, ok))
+    return rows
+
+
+@torch.no_grad()  # the kernel serves inference only
+def linear_rows():
+    rows = []
+    for (name, n, k), m, dtype in zip(LINEAR_CASES, (1, 8, 16, 5, 8, 3, 1, 12),
+                                      (torch.bfloat16,) * 6 + (torch.float16,) * 2):
+        x = torch.randn(2, m, k, device="cuda", dtype=dtype)[1]  # rows that do not start the storage
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * k ** -0.5
+        bias = torch.randn(n, device="cuda", dtype=dtype) if name.endswith("o") else None
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        saved = dict(triton_linear.PDL)
+        try:
+            got = triton_linear.linear(x, w, bias)
+            triton_linear.PDL.update(on=True)
+            pdl = triton_linear.linear(x, w, bias)
+        finally:
+            triton_linear.PDL.update(saved)
+        errs = {"output": rel(got, ref)}
+        ok = triton_linear.usable(x, w) and errs["output"] < BF16_TOL and torch.equal(got, pdl)
+        rows.append((f"product: {name}, {m} rows, {str(dtype)[6:]}{', bias' if bias is not None else ''}", errs, ok))
     return rows
 
 
@@ -190,7 +219,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     rows = []
-    for part in (kernel_rows, model_rows, compiled_rows):
+    for part in (kernel_rows, linear_rows, model_rows, compiled_rows):
         try:
             got = part()
         except Exception as e:  # report the part as failed and go on with the others

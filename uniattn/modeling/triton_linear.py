@@ -1,0 +1,129 @@
+"""Decode-size matrix products in Triton: ``x @ W.T (+ b)`` for 1-16 token rows, one pass over W.
+
+At decode every product reads its weight once, so its speed is the weight's bytes over its time.
+cuBLAS reads the short ones slowly: on an H200 at 8 tokens, LLaMA-3.1-8B's 32 MB O projection at
+2.55 TB/s, where this kernel reads it at 2.94, and a 32-layer chain of a step's products
+(Q+K+V, O, gate+up, down) runs 3% faster (``python -m uniattn.tools.launch_chain``,
+docs/launch_chain_h200.md). Each program owns ``block_n`` output columns for all the token rows
+and walks the whole K dimension (no split-K, so no reduction kernel after it); the 16-row tile is
+what the matrix units take, so 1-16 rows cost the same.
+
+With ``PDL["on"]`` the kernel is launched as a programmatic dependent launch (Hopper and later):
+it may start while the kernel before it finishes, loads its first weight tile, and waits for that
+kernel's writes only before it reads ``x``.
+
+``linear(x, weight, bias)`` takes the kernel where it serves (``usable``) and ``F.linear``
+elsewhere: on the CPU, with gradients, above 16 rows, for shapes the tiles do not divide, or with
+``UNIATTN_DECODE_LINEAR=torch``. Shipped inside saved checkpoints: only relative imports of sibling
+files; Triton is optional.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: linear() is F.linear
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_ROWS = 16
+PDL = {"on": False, "early": True, "trigger": "wait"}
+_mode = os.environ.get("UNIATTN_DECODE_LINEAR", "auto")
+if _mode not in ("auto", "torch"):
+    raise ValueError(f"UNIATTN_DECODE_LINEAR={_mode!r} is not one of ('auto', 'torch')")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_kernel(X, W, B, Y, M, K, sx, sw, sy, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
+                       EARLY: tl.constexpr, LATE_TRIGGER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        kk = tl.arange(0, BLOCK_K)
+        wp = W + n[:, None] * sw + kk[None, :]
+        xp = X + m[:, None] * sx + kk[None, :]
+        rows = (m < M)[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        start = 0
+        if EARLY:  # the weight does not depend on the kernel before: read a tile while it finishes
+            w0 = tl.load(wp)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            if not LATE_TRIGGER:
+                tl.extra.cuda.gdc_launch_dependents()
+        if EARLY:
+            acc += tl.dot(tl.load(xp, mask=rows, other=0.0), tl.trans(w0))
+            start = BLOCK_K
+        for k in range(start, K, BLOCK_K):
+            acc += tl.dot(tl.load(xp + k, mask=rows, other=0.0), tl.trans(tl.load(wp + k)))
+        if PDL and LATE_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
+        if HAS_BIAS:
+            acc += tl.load(B + n).to(tl.float32)[None, :]
+        tl.store(Y + m[:, None] * sy + n[None, :], acc.to(Y.dtype.element_ty), mask=rows)
+
+
+def config(n: int, k: int) -> Optional[tuple[int, int, int]]:
+    """``(block_n, block_k, stages)`` for an ``n x k`` weight, or ``None`` where the tiles do not divide it.
+
+    The best of an H200 sweep at LLaMA-3.1-8B's shapes (``launch_chain``): 256-wide K tiles in 4
+    stages, 128-wide in 3 for the widest products (gate+up); 64 output columns per program where
+    that still makes about one program per SM (Q+K+V), else 32."""
+    block_k = next((b for b in ((128, 256) if n >= 16384 else (256, 128)) if k % b == 0), None)
+    block_n = 64 if n % 64 == 0 and 96 <= n // 64 and n < 16384 else 32
+    if block_k is None or n % block_n:
+        return None
+    return block_n, block_k, 3 if block_k == 128 else 4
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel serves ``F.linear(x, weight)``: no gradient, at most ``MAX_ROWS`` token rows,
+    16-bit floats on a device Triton runs on, rows of ``x`` and ``weight`` contiguous, tiles that divide."""
+    if triton is None or _mode != "auto" or torch.is_grad_enabled() or not (x.is_cuda or INTERPRET):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or weight.dim() != 2:
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    return (0 < rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(1) == 1
+            and config(*weight.shape) is not None)
+
+
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    n, k = weight.shape
+    block_n, block_k, stages = config(n, k)
+    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    pdl = PDL["on"] and not INTERPRET
+    extra = {"launch_pdl": True} if pdl else {}
+    _linear_kernel[(n // block_n,)](
+        x, weight, bias if bias is not None else weight, y, x.shape[0], k, x.stride(0), weight.stride(0),
+        y.stride(0), HAS_BIAS=bias is not None, PDL=pdl, EARLY=PDL["early"] and pdl,
+        LATE_TRIGGER=PDL["trigger"] == "loop", BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages, **extra)
+    return y
+
+
+if triton is not None and hasattr(torch.library, "custom_op") and not INTERPRET:
+    # Opaque to torch.compile, so that Triton's own launcher starts it (a programmatic dependent
+    # launch needs a launch attribute that Inductor's launcher of user kernels does not pass).
+    _linear_op = torch.library.custom_op("uniattn::decode_linear", mutates_args=())(_linear_impl)
+
+    @_linear_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(x.shape[0], weight.shape[0])
+else:
+    _linear_op = _linear_impl
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through the Triton kernel where it serves (``usable``)."""
+    if not usable(x, weight):
+        return F.linear(x, weight, bias)
+    y = _linear_op(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
