@@ -56,7 +56,10 @@ def test_report_names_where_the_stock_column_ran(tmp_path):
 def test_new_gpu_tools_check_their_arguments_first():
     for args, expected in ((["uniattn.tools.matmul_sweep", "--tokens", "8", "32"], "each must be 1-16"),
                            (["uniattn.tools.prefill_check", "--rounds", "0"], "must be positive"),
-                           (["uniattn.tools.decode_sweep", "--grid", "warps=four"], "must be integers")):
+                           (["uniattn.tools.decode_sweep", "--grid", "warps=four"], "must be integers"),
+                           (["uniattn.tools.launch_chain", "--tokens", "17"], "each must be 1-16"),
+                           (["uniattn.tools.decode_ab", "--points", "8y16384"], "a point is BATCHxCONTEXT"),
+                           (["uniattn.tools.decode_ab", "--variants", "fast"], "not among")):
         proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr[-500:])
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from uniattn import fuse_projections, unfuse_projections
 from uniattn.modeling.attention import FUSED_MAX_TOKENS, FollowerAttention
+from uniattn.modeling.fused import DecodeLinear
 
 
 def _linear_calls(model, run):
@@ -38,6 +39,8 @@ def test_fused_model_gives_the_same_logits_and_state(family):
         classes = [type(m) for m in model.modules()]
         assert fuse_projections(model) == groups
         assert fuse_projections(model) == 0  # idempotent
+        singles = [model.model.layers[0].self_attn.o_proj, model.model.layers[0].mlp.down_proj, model.lm_head]
+        assert all(isinstance(m, DecodeLinear) and isinstance(m, torch.nn.Linear) for m in singles), singles
         with torch.no_grad():
             ran = _linear_calls(model, lambda: model(ids, attention_mask=mask))
             after = model(ids, attention_mask=mask).logits

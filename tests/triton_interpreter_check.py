@@ -2,7 +2,9 @@
 Triton interpreter kit on ``PYTHONPATH`` (Triton's interpreter runs the kernels on CPU tensors
 through numpy; bf16 is not emulated there, so the checks run in float32 and float16).
 
-Checks the decode kernels against the float64 PyTorch reference, then a tiny model of each family
+Checks the decode kernels against the float64 PyTorch reference; the decode-size product kernel
+(``triton_linear``) against a float64 ``F.linear`` and its dispatch (the kernel only where
+torch.compile traces); then a tiny model of each family
 decoding a left-padded batch token by token with the kernels against one full forward.
 Exits non-zero, naming the case, on the first miss.
 """
@@ -15,7 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import conftest  # noqa: E402
 
-from uniattn.modeling import kernels, triton_decode  # noqa: E402
+from unittest import mock  # noqa: E402
+
+from uniattn.modeling import kernels, triton_decode, triton_linear  # noqa: E402
 from uniattn.modeling.kernels import grouped_apply, grouped_probs  # noqa: E402
 from uniattn.tools.decode_check import rel, stepwise  # noqa: E402  (the GPU check's decode loop and error)
 
@@ -50,6 +54,32 @@ def kernel_cases():
     out, rows = triton_decode.decode_attend(q, k, k, mask, 0.25, None, write_rows=True)
     assert torch.isfinite(out).all() and not out[1].any() and not rows.dense()[1].any(), "fully masked row"
     print("kernels: ok", flush=True)
+
+
+def linear_cases():
+    g = torch.Generator().manual_seed(1)
+    # (rows, N, K, bias, row stride of x): 1-16 rows, a 64-column and a 128-wide-K tiling, strided rows
+    for m, n, k, bias, stride in ((1, 512, 256, False, 256), (5, 6144, 512, True, 512), (16, 256, 384, False, 400),
+                                  (3, 16384, 128, True, 128)):
+        x = torch.randn(m, stride, generator=g).half()[:, :k]
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).half()
+        b = torch.randn(n, generator=g).half() if bias else None
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        assert triton_linear.usable(x, w, b), (m, n, k)
+        err = rel(triton_linear._linear_op(x, w, b), ref)
+        assert err < 2e-3, f"linear kernel {m} rows {n} x {k}: {err:.2e}"
+        with torch.no_grad():
+            # eager: F.linear itself; where torch.compile traces: the kernel
+            assert torch.equal(triton_linear.linear(x, w, b), torch.nn.functional.linear(x, w, b))
+            with mock.patch("torch.compiler.is_compiling", return_value=True):
+                got = triton_linear.linear(x[None], w, b)
+            assert got.shape == (1, m, n) and rel(got[0], ref) < 2e-3, (m, n, k)
+    # shapes the tiles do not divide, float32 and more than 16 rows stay on F.linear
+    half = torch.randn(4, 256).half()
+    assert not triton_linear.usable(half, torch.randn(100, 256).half())
+    assert not triton_linear.usable(half.float(), torch.randn(256, 256))
+    assert not triton_linear.usable(torch.randn(17, 256).half(), torch.randn(256, 256).half())
+    print("linear: ok", flush=True)
 
 
 def model_cases():
@@ -91,4 +121,6 @@ def model_cases():
 if __name__ == "__main__":
     kernels.set_decode_kernel("auto")
     kernel_cases()
+    with torch.no_grad():
+        linear_cases()
     model_cases()

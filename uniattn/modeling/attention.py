@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half

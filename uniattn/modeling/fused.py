@@ -11,6 +11,10 @@ concatenates, in place:
 * V and ``W_c`` of every follower (both read the layer input ``u``);
 * gate and up of every MLP.
 
+Those fused products, and the products that stay single (each layer's O and down projections and
+the output head, whose modules become ``DecodeLinear``), run through ``triton_linear``'s kernel in
+compiled decode: it reads short weights faster than cuBLAS (docs/launch_chain_h200.md).
+
 No weight is held twice: each parameter becomes a view into its group's concatenated buffer, so
 the state dict, parameter counts and optimiser updates are unchanged. The fused product serves
 only where no gradient is taken (inference) and for at most ``attention.FUSED_MAX_TOKENS`` token

@@ -2,20 +2,26 @@
 
 At decode every product reads its weight once, so its speed is the weight's bytes over its time.
 cuBLAS reads the short ones slowly: on an H200 at 8 tokens, LLaMA-3.1-8B's 32 MB O projection at
-2.55 TB/s, where this kernel reads it at 2.94, and a 32-layer chain of a step's products
+2.52 TB/s, where this kernel reads it at 2.91, and a 32-layer chain of a step's products
 (Q+K+V, O, gate+up, down) runs 3% faster (``python -m uniattn.tools.launch_chain``,
 docs/launch_chain_h200.md). Each program owns ``block_n`` output columns for all the token rows
 and walks the whole K dimension (no split-K, so no reduction kernel after it); the 16-row tile is
 what the matrix units take, so 1-16 rows cost the same.
 
-With ``PDL["on"]`` the kernel is launched as a programmatic dependent launch (Hopper and later):
-it may start while the kernel before it finishes, loads its first weight tile, and waits for that
-kernel's writes only before it reads ``x``.
+``linear(x, weight, bias)`` takes the kernel only in code that ``torch.compile`` traces, and only
+where it serves (``usable``); ``F.linear`` everywhere else. Eager decode is bound by the host, and
+there each launch of this kernel (an opaque op started by Triton's launcher from Python) cost far
+more than cuBLAS's: with it, eager static-cache decode at batch 8 / 16k took 60 ms per step
+against 32 (docs/bench_h200_linear.md). Under CUDA graphs (``mode="reduce-overhead"``) launches
+cost nothing. Compiled without CUDA graphs, each product is still launched from Python: not
+measured; ``UNIATTN_DECODE_LINEAR=torch`` turns the kernel off.
 
-``linear(x, weight, bias)`` takes the kernel where it serves (``usable``) and ``F.linear``
-elsewhere: on the CPU, with gradients, above 16 rows, for shapes the tiles do not divide, or with
-``UNIATTN_DECODE_LINEAR=torch``. Shipped inside saved checkpoints: only relative imports of sibling
-files; Triton is optional.
+``PDL["on"]`` launches it as a programmatic dependent launch (Hopper and later): it may start
+while the kernel before it finishes, reads its first weight tile, and waits for that kernel's
+writes only before it reads ``x``. Measured, it did not pay (``launch_chain``; docs/BENCHMARK.md),
+so it is off; it stays for that measurement.
+
+Shipped inside saved checkpoints: only relative imports of sibling files; Triton is optional.
 """
 
 import os
@@ -83,12 +89,15 @@ def config(n: int, k: int) -> Optional[tuple[int, int, int]]:
     return block_n, block_k, 3 if block_k == 128 else 4
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel serves ``F.linear(x, weight)``: no gradient, at most ``MAX_ROWS`` token rows,
-    16-bit floats on a device Triton runs on, rows of ``x`` and ``weight`` contiguous, tiles that divide."""
+def usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
+    """Whether the kernel can serve ``F.linear(x, weight, bias)``: no gradient, at most ``MAX_ROWS`` token
+    rows, 16-bit floats on a device Triton runs on, rows of ``x`` and ``weight`` contiguous, tiles
+    that divide."""
     if triton is None or _mode != "auto" or torch.is_grad_enabled() or not (x.is_cuda or INTERPRET):
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or weight.dim() != 2:
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1 or bias.stride(0) != 1):
         return False
     rows = x.numel() // max(1, x.shape[-1])
     return (0 < rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(1) == 1
@@ -122,8 +131,9 @@ else:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through the Triton kernel where it serves (``usable``)."""
-    if not usable(x, weight):
+    """``F.linear(x, weight, bias)``; through the Triton kernel in code that torch.compile traces, where
+    the kernel serves (``usable``)."""
+    if not (torch.compiler.is_compiling() and usable(x, weight, bias)):
         return F.linear(x, weight, bias)
     y = _linear_op(x.reshape(-1, x.shape[-1]), weight, bias)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,97 @@
+"""A/B of launch settings on the compiled UniAttn decode step (one GPU).
+
+    python -m uniattn.tools.decode_ab [--points 1x4096 8x16384] [--variants NAME ...]
+
+The benchmark's LLaMA-3.1-8B-shaped UniAttn model (random bf16 weights, layout ``4 16 33``, fused
+projections), compiled afresh for every variant and point as ``bench`` compiles it
+(``static_decode_step``), timed as ``bench`` times it: the median of 15 timings of 10 steps queued
+back to back. Variants (``VARIANTS``): the products on cuBLAS or on ``triton_linear``'s kernel;
+Inductor's programmatic dependent launch for its own kernels (``torch._inductor.config.triton.
+enable_pdl``) and the product kernel's (``triton_linear.PDL``). Each variant runs once per point, so
+differences of 1-2% are within the spread between runs (docs/BENCHMARK.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ..modeling import triton_linear
+from ..modeling.fused import fuse_projections
+from . import bench
+
+# name: (products on the kernel, Inductor PDL, the kernel's PDL release point or None)
+VARIANTS = {
+    "cuBLAS": (False, False, None),
+    "kernel": (True, False, None),
+    "kernel + Inductor PDL": (True, True, None),
+    "kernel PDL (release after the wait)": (True, False, "wait"),
+    "kernel PDL (release after the wait) + Inductor PDL": (True, True, "wait"),
+    "kernel PDL (release after the loop) + Inductor PDL": (True, True, "loop"),
+}
+
+
+def _point(text: str) -> tuple[int, int]:
+    try:
+        batch, context = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT, e.g. 8x16384") from None
+    return batch, context
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", type=_point, nargs="+", default=[(1, 4096), (8, 16384)], help="BATCHxCONTEXT")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME",
+                   help=f"some of: {'; '.join(VARIANTS)}")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: --variants {unknown}: not among {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("error: the A/B needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        print(f"note: torch {torch.__version__} has no Inductor PDL switch; those variants run without it",
+              file=sys.stderr)
+    torch.set_grad_enabled(False)
+    stock, uni = bench.build_pair("llama3.1-8b", (4, 16, 33))
+    del stock
+    bench.free()
+    fuse_projections(uni)
+    saved = (triton_linear._mode, dict(triton_linear.PDL), getattr(inductor_config.triton, "enable_pdl", False))
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n| variant | "
+          + " | ".join(f"batch {b}, context {n}: ms per step" for b, n in args.points) + " |\n|---|"
+          + "---|" * len(args.points), flush=True)
+    try:
+        for name in args.variants:
+            on_kernel, inductor_pdl, release = VARIANTS[name]
+            triton_linear._mode = "auto" if on_kernel else "torch"
+            triton_linear.PDL.update(on=release is not None, early=True, trigger=release or "wait")
+            if hasattr(inductor_config.triton, "enable_pdl"):
+                inductor_config.triton.enable_pdl = inductor_pdl
+            cells = []
+            for batch, context in args.points:
+                start = time.time()
+                step = bench.static_decode_step(uni, batch, context, compiled=True)
+                ms = bench.cuda_median_ms(step, repeat=15, warmup=5, inner=bench.DECODE_STEPS)
+                cells.append(f"{ms:.3f}")
+                print(f"  ({name}, {batch}x{context}: {time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+                del step
+                bench.free()
+            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        triton_linear._mode, pdl, enable = saved
+        triton_linear.PDL.update(pdl)
+        if hasattr(inductor_config.triton, "enable_pdl"):
+            inductor_config.triton.enable_pdl = enable
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
