@@ -79,6 +79,8 @@ def linear_cases():
     assert not triton_linear.usable(half, torch.randn(100, 256).half())
     assert not triton_linear.usable(half.float(), torch.randn(256, 256))
     assert not triton_linear.usable(torch.randn(17, 256).half(), torch.randn(256, 256).half())
+    assert not triton_linear.usable(half, torch.randn(256, 128).half())  # K mismatch: F.linear raises
+    assert not triton_linear.usable(half, torch.randn(256, 256).half(), torch.randn(128).half())
     print("linear: ok", flush=True)
 
 

@@ -91,13 +91,15 @@ def config(n: int, k: int) -> Optional[tuple[int, int, int]]:
 
 def usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether the kernel can serve ``F.linear(x, weight, bias)``: no gradient, at most ``MAX_ROWS`` token
-    rows, 16-bit floats on a device Triton runs on, rows of ``x`` and ``weight`` contiguous, tiles
-    that divide."""
+    rows, 16-bit floats on a device Triton runs on, matching shapes, rows of ``x`` and ``weight``
+    contiguous, tiles that divide."""
     if triton is None or _mode != "auto" or torch.is_grad_enabled() or not (x.is_cuda or INTERPRET):
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or weight.dim() != 2:
         return False
-    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1 or bias.stride(0) != 1):
+    if x.shape[-1] != weight.shape[1]:
+        return False  # F.linear names the mismatch
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1] or bias.stride(0) != 1):
         return False
     rows = x.numel() // max(1, x.shape[-1])
     return (0 < rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(1) == 1

@@ -247,7 +247,7 @@ def static_decode_step(model, batch: int, context: int, compiled: bool):
         torch._foreach_copy_(counters, starts)
         for layer in sliding:
             layer.cumulative_length_int = context
-        fn(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return fn(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return step
 
 

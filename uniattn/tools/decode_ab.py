@@ -9,6 +9,11 @@ back to back. Variants (``VARIANTS``): the products on cuBLAS or on ``triton_lin
 Inductor's programmatic dependent launch for its own kernels (``torch._inductor.config.triton.
 enable_pdl``) and the product kernel's (``triton_linear.PDL``). Each variant runs once per point, so
 differences of 1-2% are within the spread between runs (docs/BENCHMARK.md).
+
+Each cell also gives the relative L2 error of the compiled step's logits against the same step run
+eagerly with the products on cuBLAS and no PDL (same seeded cache and tokens); bf16 steps land
+near 1e-2 (``decode_check``'s compiled row), so a launch setting that breaks an ordering shows
+as an error far above that.
 """
 
 from __future__ import annotations
@@ -65,8 +70,14 @@ def main(argv=None) -> int:
     bench.free()
     fuse_projections(uni)
     saved = (triton_linear._mode, dict(triton_linear.PDL), getattr(inductor_config.triton, "enable_pdl", False))
+    triton_linear._mode = "torch"
+    reference = {}
+    for batch, context in args.points:
+        torch.manual_seed(0)  # the cache's contents and the tokens, the same for every variant
+        reference[batch, context] = bench.static_decode_step(uni, batch, context, compiled=False)().logits.float()
+        bench.free()
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n| variant | "
-          + " | ".join(f"batch {b}, context {n}: ms per step" for b, n in args.points) + " |\n|---|"
+          + " | ".join(f"batch {b}, context {n}: ms per step (logits error)" for b, n in args.points) + " |\n|---|"
           + "---|" * len(args.points), flush=True)
     try:
         for name in args.variants:
@@ -78,9 +89,12 @@ def main(argv=None) -> int:
             cells = []
             for batch, context in args.points:
                 start = time.time()
+                torch.manual_seed(0)
                 step = bench.static_decode_step(uni, batch, context, compiled=True)
                 ms = bench.cuda_median_ms(step, repeat=15, warmup=5, inner=bench.DECODE_STEPS)
-                cells.append(f"{ms:.3f}")
+                ref = reference[batch, context]
+                err = ((step().logits.float() - ref).norm() / ref.norm()).item()
+                cells.append(f"{ms:.3f} ({err:.1e})")
                 print(f"  ({name}, {batch}x{context}: {time.time() - start:.0f} s)", file=sys.stderr, flush=True)
                 del step
                 bench.free()
