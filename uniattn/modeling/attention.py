@@ -39,7 +39,7 @@ from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import triton_linear
+from .triton_linear import linear as decode_linear  # `from .x import` form: saved checkpoints ship x.py
 from .kernels import (DECODE_MAX_QUERIES, GROUPED_FLEX, GROUPED_SDPA, DecodeRows, grouped_apply,  # noqa: F401
                       grouped_probs)
 
@@ -73,8 +73,7 @@ def fused_outputs(module: nn.Module, group: str, x: torch.Tensor):
     weight = getattr(module, f"fused_{group}_weight", None)
     if weight is None or torch.is_grad_enabled() or x.numel() > FUSED_MAX_TOKENS * x.shape[-1]:
         return None
-    return triton_linear.linear(x, weight, getattr(module, f"fused_{group}_bias")).split(module.fused_sizes[group],
-                                                                                          dim=-1)
+    return decode_linear(x, weight, getattr(module, f"fused_{group}_bias")).split(module.fused_sizes[group], dim=-1)
 
 
 @dataclass

@@ -38,7 +38,7 @@ import functools
 import torch
 from torch import nn
 
-from . import triton_linear
+from .triton_linear import linear as decode_linear
 from .attention import FollowerAttention, SoftmaxAttentionMixin, fused_outputs
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("v_proj", "compensation"),
@@ -60,7 +60,7 @@ class DecodeLinear:
     """On top of ``nn.Linear``: decode-size products through ``triton_linear`` (``F.linear`` elsewhere)."""
 
     def forward(self, x):
-        return triton_linear.linear(x, self.weight, self.bias)
+        return decode_linear(x, self.weight, self.bias)
 
 
 # The products that stay single after fusion: each layer's O and down projections and the output head.
