@@ -79,8 +79,9 @@ if triton is not None:
 def config(n: int, k: int) -> Optional[tuple[int, int, int]]:
     """``(block_n, block_k, stages)`` for an ``n x k`` weight, or ``None`` where the tiles do not divide it.
 
-    The best of an H200 sweep at LLaMA-3.1-8B's shapes (``launch_chain``): 256-wide K tiles in 4
-    stages, 128-wide in 3 for the widest products (gate+up); 64 output columns per program where
+    The best of a sweep on an H200 at LLaMA-3.1-8B's shapes (block_n 16/32/64, block_k 128/256, 3 or 4
+    stages; a development script, not kept; ``launch_chain`` times the result): 256-wide K tiles in
+    4 stages, 128-wide in 3 for the widest products (gate+up); 64 output columns per program where
     that still makes about one program per SM (Q+K+V), else 32."""
     block_k = next((b for b in ((128, 256) if n >= 16384 else (256, 128)) if k % b == 0), None)
     block_n = 64 if n % 64 == 0 and 96 <= n // 64 and n < 16384 else 32

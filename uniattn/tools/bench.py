@@ -80,6 +80,12 @@ def cuda_median_ms(fn, repeat=10, warmup=3, inner=1) -> float:
     return statistics.median(times)
 
 
+def parse_point(text: str) -> tuple[int, int]:
+    """``"8x16384"`` -> ``(8, 16384)``: a decode point as BATCHxCONTEXT; ``ValueError`` otherwise."""
+    batch, context = (int(v) for v in text.lower().split("x"))
+    return batch, context
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write), 4 GiB buffers."""
     src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")

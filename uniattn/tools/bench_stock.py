@@ -25,16 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="llama3.1-8b")
     p.add_argument("--points", nargs="+", required=True, metavar="BxCONTEXT")
     args = p.parse_args(argv)
-    from .bench import DECODE_STEPS, cuda_median_ms, random_stock, static_decode_step
+    from .bench import DECODE_STEPS, cuda_median_ms, parse_point, random_stock, static_decode_step
 
     points = []
     for text in args.points:
         try:
-            batch, ctx = (int(x) for x in text.lower().split("x"))
+            points.append(parse_point(text))
         except ValueError:
             print(f"error: point {text!r} is not BATCHxCONTEXT (e.g. 8x16384)", file=sys.stderr)
             return 2
-        points.append((batch, ctx))
     model = random_stock(args.shape)
     for batch, ctx in points:
         step = static_decode_step(model, batch, ctx, compiled=True)

@@ -41,10 +41,9 @@ VARIANTS = {
 
 def _point(text: str) -> tuple[int, int]:
     try:
-        batch, context = (int(v) for v in text.lower().split("x"))
+        return bench.parse_point(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT, e.g. 8x16384") from None
-    return batch, context
 
 
 def main(argv=None) -> int:
@@ -70,16 +69,16 @@ def main(argv=None) -> int:
     bench.free()
     fuse_projections(uni)
     saved = (triton_linear._mode, dict(triton_linear.PDL), getattr(inductor_config.triton, "enable_pdl", False))
-    triton_linear._mode = "torch"
-    reference = {}
-    for batch, context in args.points:
-        torch.manual_seed(0)  # the cache's contents and the tokens, the same for every variant
-        reference[batch, context] = bench.static_decode_step(uni, batch, context, compiled=False)().logits.float()
-        bench.free()
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n| variant | "
-          + " | ".join(f"batch {b}, context {n}: ms per step (logits error)" for b, n in args.points) + " |\n|---|"
-          + "---|" * len(args.points), flush=True)
     try:
+        triton_linear._mode = "torch"
+        reference = {}
+        for batch, context in args.points:
+            torch.manual_seed(0)  # the cache's contents and the tokens, the same for every variant
+            reference[batch, context] = bench.static_decode_step(uni, batch, context, compiled=False)().logits.float()
+            bench.free()
+        print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n| variant | "
+              + " | ".join(f"batch {b}, context {n}: ms per step (logits error)" for b, n in args.points)
+              + " |\n|---|" + "---|" * len(args.points), flush=True)
         for name in args.variants:
             on_kernel, inductor_pdl, release = VARIANTS[name]
             triton_linear._mode = "auto" if on_kernel else "torch"

@@ -27,7 +27,9 @@ import torch
 
 from ..io import write_text
 from ..modeling import triton_linear
+from . import bench
 from .decode_sweep import graph_ms
+from .matmul_sweep import SHAPES as PRODUCTS, graph_rates
 
 try:
     import triton
@@ -35,7 +37,10 @@ try:
 except ImportError:
     triton = None
 
-SHAPES = [("Q+K+V", 6144, 4096), ("O", 4096, 4096), ("gate+up", 28672, 4096), ("down", 4096, 14336)]
+# a layer's products in order, as (name, N, K)
+SHAPES = [(name, *PRODUCTS[key]) for name, key in (("Q+K+V", "q+k+v"), ("O", "q or o or W_c"),
+                                                   ("gate+up", "gate+up"), ("down", "down"))]
+HEAD = PRODUCTS["lm_head"]
 LAYERS = 32
 # name: (PDL settings or None for cuBLAS)
 VARIANTS = {
@@ -60,12 +65,12 @@ def _chain(weights, x0, pdl, between):
     """One pass of the chain; ``pdl`` None runs cuBLAS."""
     def fn():
         x = x0
+        on = bool(pdl and pdl["on"])
         for layer in weights:
             for w in layer:
                 xi = x[:, :w.shape[1]]
                 x = torch.mm(xi, w.t()) if pdl is None else triton_linear._linear_impl(xi, w, None)
                 if between:
-                    on = bool(pdl and pdl["on"])
                     y = torch.empty_like(x)
                     _scale_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), PDL=on, BLOCK=1024, launch_pdl=on)
                     x = y
@@ -74,25 +79,9 @@ def _chain(weights, x0, pdl, between):
 
 
 def copy_rates() -> dict:
-    src = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    nbytes = 2 * src.numel() * 2
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    eager = []
-    for _ in range(5):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        eager.append(start.elapsed_time(end))
-    rates = {"copy, eager": nbytes / sorted(eager)[2] / 1e9,
-             "copy, as a CUDA graph": nbytes / graph_ms(lambda: dst.copy_(src), 5) / 1e9,
-             "read (float32 sum), as a CUDA graph": src.numel() * 2 / graph_ms(lambda: src.sum(dtype=torch.float32), 5) / 1e9}
-    del src, dst
-    torch.cuda.empty_cache()
-    return rates
+    read, copy = graph_rates()
+    return {"copy, eager": bench.copy_bandwidth() / 1e12, "copy, as a CUDA graph": copy,
+            "read (float32 sum), as a CUDA graph": read}
 
 
 def main(argv=None) -> int:
@@ -133,13 +122,13 @@ def main(argv=None) -> int:
                 ker = graph_ms(lambda: [triton_linear._linear_impl(x, layer[i], None) for layer in weights], 3)
                 lines.append(f"| {name} | {n} x {k} | {total / cub / 1e9:.2f} | {total / ker / 1e9:.2f} | "
                              f"{triton_linear.config(n, k)} |")
-            heads = [torch.randn(128256, 4096, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
-            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            heads = [torch.randn(*HEAD, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+            x = torch.randn(m, HEAD[1], device="cuda", dtype=torch.bfloat16)
             cub = graph_ms(lambda: [torch.mm(x, h.t()) for h in heads], 3)
             ker = graph_ms(lambda: [triton_linear._linear_impl(x, h, None) for h in heads], 3)
             hb = 2 * heads[0].numel() * 2
-            lines.append(f"| output head | 128256 x 4096 | {hb / cub / 1e9:.2f} | {hb / ker / 1e9:.2f} | "
-                         f"{triton_linear.config(128256, 4096)} |")
+            lines.append(f"| output head | {HEAD[0]} x {HEAD[1]} | {hb / cub / 1e9:.2f} | {hb / ker / 1e9:.2f} | "
+                         f"{triton_linear.config(*HEAD)} |")
             del heads
             torch.cuda.empty_cache()
             lines += ["", f"The {LAYERS}-layer chain ({nbytes / 1e9:.1f} GB of weights), one CUDA graph:", "",

@@ -79,6 +79,18 @@ def _triton_best(x, weights, nbytes):
     return best
 
 
+def graph_rates() -> tuple[float, float]:
+    """TB/s of a pure read (a float32 sum over 4 GiB of bf16) and of a copy (read + write), each timed
+    as a CUDA graph of 5 calls."""
+    big = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
+    read = big.numel() * 2 / graph_ms(lambda: big.sum(dtype=torch.float32), 5) / 1e9
+    dst = torch.empty_like(big)
+    copy = 2 * big.numel() * 2 / graph_ms(lambda: dst.copy_(big), 5) / 1e9
+    del big, dst
+    torch.cuda.empty_cache()
+    return read, copy
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="also write the table here (markdown)")
@@ -92,11 +104,7 @@ def main(argv=None) -> int:
         print("error: the sweep needs a CUDA GPU (and Triton for --triton)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    big = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    read = big.numel() * 2 / graph_ms(lambda: big.sum(dtype=torch.float32), 5) / 1e9
-    dst = torch.empty_like(big)
-    copy = 2 * big.numel() * 2 / graph_ms(lambda: dst.copy_(big), 5) / 1e9
-    del big, dst
+    read, copy = graph_rates()
     lines = [f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}"
              + (f", triton {triton.__version__}" if args.triton else "") + "; TB/s of weight read per product",
              "", f"Pure read (float32 sum over 4 GiB of bf16): {read:.2f} TB/s; copy (read + write): {copy:.2f} TB/s "
