@@ -59,7 +59,8 @@ def test_new_gpu_tools_check_their_arguments_first():
                            (["uniattn.tools.decode_sweep", "--grid", "warps=four"], "must be integers"),
                            (["uniattn.tools.launch_chain", "--tokens", "17"], "each must be 1-16"),
                            (["uniattn.tools.decode_ab", "--points", "8y16384"], "a point is BATCHxCONTEXT"),
-                           (["uniattn.tools.decode_ab", "--variants", "fast"], "not among")):
+                           (["uniattn.tools.decode_ab", "--variants", "fast"], "not among"),
+                           (["uniattn.tools.fusion_sweep", "--rows", "17"], "must be 1-16")):
         proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr[-500:])
 

@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from uniattn import fuse_projections, unfuse_projections
 from uniattn.modeling.attention import FUSED_MAX_TOKENS, FollowerAttention
+from uniattn.modeling.decode_layer import FusedDecoderLayer
 from uniattn.modeling.fused import DecodeLinear
+from uniattn.modeling.triton_linear import MAX_ROWS
 
 
 def _linear_calls(model, run):
@@ -113,3 +115,21 @@ def test_stock_gemma2_on_sdpa_is_refused_after_fusing():
     fuse_projections(stock)
     with torch.no_grad(), pytest.raises(RuntimeError, match="soft-cap.*eager"):
         stock(torch.randint(3, 97, (1, 6)))
+
+
+def test_llama_style_layers_get_the_fused_decode_layer_and_gemma2_keeps_its_own():
+    for family, fused in (("llama", True), ("mistral", True), ("gemma2", False)):
+        _, uni = make_pair(family, attn="sdpa", seed=20)
+        classes = [type(layer) for layer in uni.model.layers]
+        keys = set(uni.state_dict())
+        fuse_projections(uni)
+        assert all(isinstance(layer, FusedDecoderLayer) == fused for layer in uni.model.layers), family
+        if fused:
+            layer = uni.model.layers[0]
+            kv_heads = uni.config.num_key_value_heads
+            assert layer.uniattn_ticket.shape == (1,) and layer.uniattn_tickets.shape == (MAX_ROWS * kv_heads,)
+            assert layer.uniattn_tickets.dtype == torch.int32 and not layer.uniattn_tickets.any()
+        assert set(uni.state_dict()) == keys  # the tickets are not state
+        unfuse_projections(uni)
+        assert [type(layer) for layer in uni.model.layers] == classes
+        assert not any("ticket" in name for name, _ in uni.named_buffers())

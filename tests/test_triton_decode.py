@@ -45,9 +45,11 @@ def test_only_leaders_with_softmax_followers_hand_on_rows():
 def test_decode_kernel_choice_is_checked():
     with pytest.raises(ValueError, match="'triton'.*auto.*torch"):
         kernels.set_decode_kernel("triton")
-    env = {**os.environ, "UNIATTN_DECODE_KERNEL": "fast"}
-    proc = subprocess.run([sys.executable, "-c", "import uniattn"], env=env, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and "UNIATTN_DECODE_KERNEL='fast'" in proc.stderr
+    for name in ("UNIATTN_DECODE_KERNEL", "UNIATTN_DECODE_LAYER"):
+        env = {**os.environ, name: "fast"}
+        proc = subprocess.run([sys.executable, "-c", "import uniattn"], env=env, capture_output=True, text=True,
+                              cwd=ROOT)
+        assert proc.returncode != 0 and f"{name}='fast'" in proc.stderr, (name, proc.stderr[-500:])
 
 
 @pytest.mark.skipif(not (KIT / ".complete").is_file(),
@@ -57,4 +59,16 @@ def test_kernels_in_the_triton_interpreter():
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpreter_check.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert all(f"{part}: ok" in proc.stdout for part in ("kernels", "linear", "models")), proc.stdout[-2000:]
+    assert all(f"{part}: ok" in proc.stdout for part in ("kernels", "linear", "fused", "layers", "models")), (
+        proc.stdout[-2000:])
+
+
+@pytest.mark.skipif(not (KIT / ".complete").is_file(),
+                    reason=f"no Triton interpreter kit at {KIT}: run bash scripts/setup_env.sh test")
+def test_compiled_fused_decode_in_the_triton_interpreter():
+    # The kernels as the opaque custom ops the GPU uses (fake shapes, declared mutations), compiled.
+    env = {**os.environ, "TRITON_INTERPRET": "1", "UNIATTN_INTERPRET_OPS": "1",
+           "PYTHONPATH": os.pathsep.join([str(KIT), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled: ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

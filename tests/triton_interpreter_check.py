@@ -2,9 +2,11 @@
 Triton interpreter kit on ``PYTHONPATH`` (Triton's interpreter runs the kernels on CPU tensors
 through numpy; bf16 is not emulated there, so the checks run in float32 and float16).
 
-Checks the decode kernels against the float64 PyTorch reference; the decode-size product kernel
-(``triton_linear``) against a float64 ``F.linear`` and its dispatch (the kernel only where
-torch.compile traces); then a tiny model of each family
+Checks the decode kernels against the float64 PyTorch reference (their splits merged by a second
+kernel and by their own last split); the decode-size product kernel (``triton_linear``) against a
+float64 ``F.linear`` and its dispatch (the kernel only where torch.compile traces); the fused
+decode layer's kernels (``fused_linear``'s norm, gating and residuals, ``triton_qkv.project``) and
+the layer itself in tiny LLaMA / Mistral models; then a tiny model of each family
 decoding a left-padded batch token by token with the kernels against one full forward.
 Exits non-zero, naming the case, on the first miss.
 """
@@ -19,7 +21,7 @@ import conftest  # noqa: E402
 
 from unittest import mock  # noqa: E402
 
-from uniattn.modeling import kernels, triton_decode, triton_linear  # noqa: E402
+from uniattn.modeling import kernels, triton_decode, triton_linear, triton_qkv  # noqa: E402
 from uniattn.modeling.kernels import grouped_apply, grouped_probs  # noqa: E402
 from uniattn.tools.decode_check import rel, stepwise  # noqa: E402  (the GPU check's decode loop and error)
 
@@ -43,10 +45,15 @@ def kernel_cases():
             for i in range(b):
                 mask[i, ..., : int(torch.randint(0, n // 2, (), generator=g))] = False
         out, rows = triton_decode.decode_attend(q, k, v, mask, d ** -0.5, cap, write_rows=True)
+        tickets = torch.zeros(b * kvh, dtype=torch.int32)  # the splits merged by each group's last split
+        merged, mrows = triton_decode.decode_attend(q, k, v, mask, d ** -0.5, cap, write_rows=True, tickets=tickets)
         ref_p = grouped_probs(q.double(), k.double(), mask, d ** -0.5, cap, h // kvh)
-        errs = (rel(out, grouped_apply(ref_p, v.double())), rel(rows.dense(), ref_p),
-                rel(triton_decode.decode_apply(rows, v2), grouped_apply(ref_p, v2.double())))
+        ref_o, ref_f = grouped_apply(ref_p, v.double()), grouped_apply(ref_p, v2.double())
+        errs = (rel(out, ref_o), rel(rows.dense(), ref_p), rel(triton_decode.decode_apply(rows, v2), ref_f),
+                rel(merged, ref_o), rel(mrows.dense(), ref_p),
+                rel(triton_decode.decode_apply(mrows, v2, tickets), ref_f))
         assert max(errs) < tol, f"kernel case {(b, h, kvh, n, d, cap, window, padded, dtype)}: errors {errs}"
+        assert not tickets.any(), "tickets left non-zero"
     # A query that may attend to nothing (a padding position) gets zeros, never NaN.
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 70, 16)
     mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)
@@ -82,6 +89,118 @@ def linear_cases():
     assert not triton_linear.usable(half, torch.randn(256, 128).half())  # K mismatch: F.linear raises
     assert not triton_linear.usable(half, torch.randn(256, 256).half(), torch.randn(128).half())
     print("linear: ok", flush=True)
+
+
+def _rmsnorm64(x, g, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+
+
+def fused_cases():
+    """``triton_linear.fused_linear``'s norm, gating and residuals, and ``triton_qkv.project``."""
+    g = torch.Generator().manual_seed(2)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).half()
+
+    m, k, n = 5, 512, 512
+    x, res, extra, nw = rand(m, k), rand(m, n), rand(m, n), 1 + rand(k, scale=0.1)
+    w, wg, bias, bias_g = rand(n, k, scale=k ** -0.5), rand(2 * n, k, scale=k ** -0.5), rand(n), rand(2 * n)
+    xn = _rmsnorm64(x, nw, 1e-5)
+    got = triton_linear.fused_linear(x, w, bias, residual=res, extra=extra)
+    assert rel(got, res.double() + extra.double() + x.double() @ w.double().T + bias.double()) < 2e-3, "residual"
+    gu = xn @ wg.double().T + bias_g.double()
+    want = torch.nn.functional.silu(gu[:, :n]) * gu[:, n:]
+    for ahead in (True, False):
+        triton_linear.NORM_PREFETCH["on"] = ahead
+        got = triton_linear.fused_linear(x, wg, bias_g, norm=(nw, 1e-5), gated=True)
+        assert got.shape == (m, n) and rel(got, want) < 2e-3, f"norm + gated, operand ahead {ahead}: {rel(got, want)}"
+    triton_linear.NORM_PREFETCH["on"] = True
+    # Q/K/V and a follower's W_c/V: RoPE on Q and K, K and V written at the counter, which advances
+    b, heads, kv_heads, d, max_len, hidden = 3, 4, 2, 64, 10, 256
+    x, nw = rand(b, hidden), 1 + rand(hidden, scale=0.1)
+    cos, sin = rand(b, d), rand(b, d)
+
+    def rope(t):
+        half = torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
+        return t * cos.double()[:, None] + half * sin.double()[:, None]
+
+    for n_out, n_k, norm in ((heads, kv_heads, (nw, 1e-6)), (hidden // d, 0, (nw, 1e-6)), (heads, kv_heads, None)):
+        w = rand((n_out + n_k + kv_heads) * d, hidden, scale=hidden ** -0.5)
+        bias = rand(w.shape[0])
+        keys = torch.zeros(b, kv_heads, max_len, d if n_k else 0).half()
+        values = torch.zeros(b, kv_heads, max_len, d).half()
+        counter, ticket = torch.tensor(4), torch.zeros(1, dtype=torch.int32)
+        out = triton_qkv.project(x, w, bias, norm, cos, sin, keys, values, counter, ticket, n_out=n_out,
+                                 rope_out=n_k > 0, n_k=n_k, head_dim=d)
+        y = ((_rmsnorm64(x, *norm) if norm else x.double()) @ w.double().T + bias.double()).view(b, -1, d)
+        case = (n_out, n_k, norm is not None)
+        assert rel(out.view(b, n_out, d), rope(y[:, :n_out]) if n_k else y[:, :n_out]) < 2e-3, f"project out {case}"
+        assert rel(values[:, :, 4], y[:, n_out + n_k:]) < 2e-3, f"project V {case}"
+        if n_k:
+            assert rel(keys[:, :, 4], rope(y[:, n_out:n_out + n_k])) < 2e-3, f"project K {case}"
+        assert not values[:, :, :4].any() and not values[:, :, 5:].any(), f"project wrote elsewhere {case}"
+        assert counter.item() == 5 and not ticket.any(), f"project counter / ticket {case}"
+    assert not triton_qkv.usable(x.float(), w.float(), d, keys.float(), values.float())  # 16-bit only
+    assert not triton_qkv.usable(x, w, 48, keys, values)  # head halves the tiles do not divide
+    print("fused: ok", flush=True)
+
+
+def layer_cases():
+    """The fused decode layer (``decode_layer``), taken as where torch.compile traces, decoding a
+    left-padded batch token by token in float16: as close to a float32 decode as the float16 stock
+    forward is, and every layer of every step through ``triton_qkv.project``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    import uniattn
+    from uniattn.convert import uniattn_config_from
+    from uniattn.modeling import decode_layer, triton_qkv
+    from uniattn.modeling.fused import fuse_projections
+
+    common = dict(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=5,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ids = torch.randint(3, 101, (3, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2], mask[2, :4] = 0, 0
+    ids[mask == 0] = 0
+    real = mask.bool()
+    cases = [("llama, biases, UniAttn 2 1 6", LlamaConfig(**common, attention_bias=True, mlp_bias=True), (2, 1, 6), {}),
+             ("mistral, UniAttn 2 0 6, every fusion", MistralConfig(**common, sliding_window=None), (2, 0, 6),
+              {"norm": True, "gated": True, "residual": True, "merge": True}),
+             ("llama, stock", LlamaConfig(**common), None, {})]
+    saved = dict(decode_layer.FUSE)
+    for name, cfg, layout, fuse in cases:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        if layout is not None:
+            uni = uniattn.UNIATTN_FAMILIES[cfg.model_type][1](uniattn_config_from(cfg, layout))
+            uni.load_state_dict(model.state_dict(), strict=False)
+            model = uni
+        else:
+            model.set_attn_implementation(kernels.GROUPED_SDPA)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        model.eval()
+        calls = []
+        project = triton_qkv.project
+        try:
+            with torch.no_grad():
+                ref32 = stepwise(model, ids, mask, "static", prefix=4)
+                ref16 = stepwise(model.half(), ids, mask, "static", prefix=4)
+                fuse_projections(model)
+                decode_layer.FUSE.update(fuse)
+                triton_qkv.project = lambda *a, **k: calls.append(1) or project(*a, **k)
+                with mock.patch.object(decode_layer, "_traced", return_value=True):
+                    got = stepwise(model, ids, mask, "static", prefix=4)
+        finally:
+            triton_qkv.project = project
+            decode_layer.FUSE.update(saved)
+        stock_err, err = rel(ref16[real], ref32[real]), rel(got[real], ref32[real])
+        assert err < max(1.5 * stock_err, 1e-3), f"{name}: fused layer {err:.2e}, float16 stock {stock_err:.2e}"
+        assert len(calls) == 5 * 5, f"{name}: {len(calls)} projections for 5 steps of 5 layers"
+    print("layers: ok", flush=True)
 
 
 def model_cases():
@@ -125,4 +244,6 @@ if __name__ == "__main__":
     kernel_cases()
     with torch.no_grad():
         linear_cases()
+        fused_cases()
+    layer_cases()
     model_cases()

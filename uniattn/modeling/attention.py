@@ -248,8 +248,8 @@ class FollowerAttention(_FollowerBase):
 
     def follow(self, hidden_states, state, position_embeddings, past_key_values, **kwargs):
         input_shape = hidden_states.shape[:-1]
-        fused = fused_outputs(self, "v_wc", hidden_states)
-        value_states = fused[0] if fused is not None else self.v_proj(hidden_states)
+        fused = fused_outputs(self, "v_wc", hidden_states)  # (W_c u, V)
+        value_states = fused[1] if fused is not None else self.v_proj(hidden_states)
         value_states = value_states.view(*input_shape, -1, self.head_dim).transpose(1, 2)
         if past_key_values is not None:
             _, value_states = past_key_values.update(value_states[..., :0], value_states, self.layer_idx)
@@ -262,7 +262,7 @@ class FollowerAttention(_FollowerBase):
         attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         if not self.has_compensation:
             return attn_output
-        return attn_output + (fused[1] if fused is not None else self.compensation(hidden_states))
+        return attn_output + (fused[0] if fused is not None else self.compensation(hidden_states))
 
 
 class KVSharingFollowerAttention(_FollowerBase):

@@ -15,6 +15,9 @@ Those fused products, and the products that stay single (each layer's O and down
 the output head, whose modules become ``DecodeLinear``), run through ``triton_linear``'s kernel in
 compiled decode: it reads short weights faster than cuBLAS (docs/launch_chain_h200.md).
 
+LLaMA-style decoder layers (LLaMA, Mistral) also become ``decode_layer.FusedDecoderLayer``: in
+compiled static-cache decode, RoPE and the cache write run inside the fused Q/K/V (V/W_c) product.
+
 No weight is held twice: each parameter becomes a view into its group's concatenated buffer, so
 the state dict, parameter counts and optimiser updates are unchanged. The fused product serves
 only where no gradient is taken (inference) and for at most ``attention.FUSED_MAX_TOKENS`` token
@@ -38,10 +41,13 @@ import functools
 import torch
 from torch import nn
 
+from . import decode_layer
 from .triton_linear import linear as decode_linear
 from .attention import FollowerAttention, SoftmaxAttentionMixin, fused_outputs
+from .decode_layer import FusedDecoderLayer
 
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("v_proj", "compensation"),
+# W_c before V: the fused decode step (decode_layer.py) writes the heads after the first ones into the cache.
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("compensation", "v_proj"),
           "gate_up": ("gate_proj", "up_proj")}
 
 
@@ -103,6 +109,9 @@ def fuse_projections(model: nn.Module) -> int:
     many groups were fused. Idempotent."""
     count = 0
     for module in list(model.modules()):
+        if decode_layer.fits(module) and not isinstance(module, FusedDecoderLayer):
+            _swap_class(module, FusedDecoderLayer)
+            decode_layer.add_tickets(module, module.input_layernorm.weight.device)
         if isinstance(module, FollowerAttention):
             count += _fuse(module, "v_wc")
         elif _has_linears(module, GROUPS["qkv"] + ("o_proj",)):
@@ -142,6 +151,9 @@ def unfuse_projections(model: nn.Module) -> int:
             delattr(module, f"fused_{group}_weight")
             delattr(module, f"fused_{group}_bias")
             count += 1
+        for name in ("uniattn_ticket", "uniattn_tickets"):
+            if name in module._buffers:
+                delattr(module, name)
         if "_unfused_class" in module.__dict__:
             module.__class__ = module.__dict__.pop("_unfused_class")
     return count

@@ -11,7 +11,10 @@ the GPU and each K/V row is read once for all the query heads of its group:
 * ``decode_apply``: a follower's ``P @ V`` from those rows and its own V cache; it never reads K.
 
 A third kernel, ``_decode_merge_kernel``, merges ``decode_attend``'s splits (and writes the leader's
-factors) in one launch, where the same merge in PyTorch ops compiles to two or three.
+factors) in one launch, where the same merge in PyTorch ops compiles to two or three. Given
+``tickets`` (int32 zeros, one per sequence and KV head), the last split of each group to finish does
+that merge (a follower's sum) inside the attention kernel instead; on an H200 that serial tail made
+the decode step slower (``decode_layer.FUSE["merge"]``), so nothing takes it by default.
 
 Masks are SDPA's boolean masks (``True`` = attend), ``[batch, 1, 1, kv_len]`` or broadcastable,
 so padding, sliding windows and a static cache's unfilled tail are all honoured; ``None`` attends
@@ -38,6 +41,8 @@ try:
     from torch.library import triton_op, wrap_triton
 except ImportError:  # torch < 2.6: launch the kernels directly (torch.compile then graph-breaks)
     triton_op = wrap_triton = None
+
+from .triton_linear import OPAQUE  # noqa: E402  (`from .x import` form: saved checkpoints ship x.py)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch shape. programs_per_sm: enough independent loads in flight to keep HBM busy. Tiles of
@@ -101,12 +106,59 @@ if triton is not None:
         return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
     @triton.jit
+    def _last_split(ticket, n_splits):
+        """True in the last of a group's ``n_splits`` programs to get here (its ticket is then left at zero):
+        every other split's partial results are written and visible to it."""
+        tl.debug_barrier()
+        done = tl.atomic_add(ticket, 1, sem="acq_rel")
+        last = done == n_splits - 1
+        if last:
+            tl.store(ticket, 0)
+        return last
+
+    @triton.jit
+    def _merge_row(PART, ML, TMAX, OUT, FACTOR, row, n_splits, n_tiles,
+                   D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_ROWS: tl.constexpr):
+        # One (sequence, head): the splits' partial outputs, weighted by exp(m - top), over the total
+        # weight; and, for a leader, each tile's factor exp(tile max - top) / total. Loads bypass L1
+        # (.cg): in the attention kernel's own merge they read other programs' writes.
+        d = tl.arange(0, D)
+        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            top = tl.maximum(top, tl.load(ML + (row * n_splits + s) * 2, mask=s < n_splits, other=float("-inf"),
+                                          cache_modifier=".cg"))
+        top_all = tl.max(top, 0)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            live = s < n_splits
+            m = tl.load(ML + (row * n_splits + s) * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
+            w = tl.where(live, tl.exp(m - top_all), 0.0)
+            total += tl.load(ML + (row * n_splits + s) * 2 + 1, mask=live, other=0.0, cache_modifier=".cg") * w
+            part = tl.load(PART + (row * n_splits + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0,
+                           cache_modifier=".cg")
+            acc += tl.sum(part * w[:, None], 0)
+        total_all = tl.sum(total, 0)
+        # A query that may attend to nothing (a padding position) gets zeros, not 0/0: its value would
+        # otherwise enter later layers' caches, where even a zero probability times NaN is NaN.
+        total_all = tl.where(total_all > 0, total_all, 1.0)
+        tl.store(OUT + row * D + d, (acc / total_all).to(OUT.dtype.element_ty))
+        if WRITE_ROWS:
+            for t0 in range(0, n_tiles, BLOCK_T):
+                t = t0 + tl.arange(0, BLOCK_T)
+                tmax = tl.load(TMAX + row * n_tiles + t, mask=t < n_tiles, other=0.0)
+                tl.store(FACTOR + row * n_tiles + t, tl.exp(tmax - top_all) / total_all, mask=t < n_tiles)
+
+    @triton.jit
     def _decode_attend_kernel(
-        Q, K, V, MASK, O, ML, ROWS, TMAX,
+        Q, K, V, MASK, O, ML, ROWS, TMAX, TICKETS, OUT, FACTOR,
         sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n, sr_b, sr_h,
         kv_len, kv_heads, per_split, n_tiles_total, scale, softcap,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_ROWS: tl.constexpr,
+        HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_ROWS: tl.constexpr, MERGE: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -153,13 +205,19 @@ if triton is not None:
         tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
         tl.store(ML + row * 2, m_i, mask=in_group)
         tl.store(ML + row * 2 + 1, l_i, mask=in_group)
+        if MERGE:  # the last split of this KV group merges the group's splits (what _decode_merge_kernel does)
+            if _last_split(TICKETS + pid, n_splits):
+                for gi in tl.static_range(G):  # not `i`: the name of the loop above, which Triton keeps
+                    _merge_row(O, ML, TMAX, OUT, FACTOR, b * kv_heads * G + kh * G + gi, n_splits, n_tiles_total,
+                               D, BLOCK_S, 256, WRITE_ROWS)
 
     @triton.jit
     def _decode_apply_kernel(
-        ROWS, FACTOR, V, O,
+        ROWS, FACTOR, V, O, TICKETS, OUT,
         sr_b, sr_h, sv_b, sv_h, sv_n,
         kv_len, kv_heads, per_split, n_tiles_total,
-        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
+        BLOCK_S: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -183,41 +241,28 @@ if triton is not None:
             acc += tl.dot((e.to(tl.float32) * f[:, None]).to(v.dtype), v)
         row = (b * kv_heads * G + heads) * n_splits + split
         tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
+        if MERGE:  # the last split of this KV group sums the group's splits
+            if _last_split(TICKETS + pid, n_splits):
+                for gi in tl.static_range(G):
+                    r = b * kv_heads * G + kh * G + gi
+                    total = tl.zeros([D], tl.float32)
+                    for s0 in range(0, n_splits, BLOCK_S):
+                        s = s0 + tl.arange(0, BLOCK_S)
+                        total += tl.sum(tl.load(O + (r * n_splits + s)[:, None] * D + d[None, :],
+                                                mask=(s < n_splits)[:, None], other=0.0, cache_modifier=".cg"), 0)
+                    tl.store(OUT + r * D + d, total.to(OUT.dtype.element_ty))
 
     @triton.jit
     def _decode_merge_kernel(
         PART, ML, TMAX, OUT, FACTOR, n_splits, n_tiles,
         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_ROWS: tl.constexpr,
     ):
-        # One program per (sequence, head): the splits' partial outputs, weighted by exp(m - top), over
-        # the total weight; and, for a leader, each tile's factor exp(tile max - top) / total.
-        row = tl.program_id(0)
-        d = tl.arange(0, D)
-        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, n_splits, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            top = tl.maximum(top, tl.load(ML + (row * n_splits + s) * 2, mask=s < n_splits, other=float("-inf")))
-        top_all = tl.max(top, 0)
-        total = tl.zeros([BLOCK_S], tl.float32)
-        acc = tl.zeros([D], tl.float32)
-        for s0 in range(0, n_splits, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            live = s < n_splits
-            m = tl.load(ML + (row * n_splits + s) * 2, mask=live, other=float("-inf"))
-            w = tl.where(live, tl.exp(m - top_all), 0.0)
-            total += tl.load(ML + (row * n_splits + s) * 2 + 1, mask=live, other=0.0) * w
-            part = tl.load(PART + (row * n_splits + s)[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-            acc += tl.sum(part * w[:, None], 0)
-        total_all = tl.sum(total, 0)
-        # A query that may attend to nothing (a padding position) gets zeros, not 0/0: its value would
-        # otherwise enter later layers' caches, where even a zero probability times NaN is NaN.
-        total_all = tl.where(total_all > 0, total_all, 1.0)
-        tl.store(OUT + row * D + d, (acc / total_all).to(OUT.dtype.element_ty))
-        if WRITE_ROWS:
-            for t0 in range(0, n_tiles, BLOCK_T):
-                t = t0 + tl.arange(0, BLOCK_T)
-                tmax = tl.load(TMAX + row * n_tiles + t, mask=t < n_tiles, other=0.0)
-                tl.store(FACTOR + row * n_tiles + t, tl.exp(tmax - top_all) / total_all, mask=t < n_tiles)
+        _merge_row(PART, ML, TMAX, OUT, FACTOR, tl.program_id(0), n_splits, n_tiles, D, BLOCK_S, BLOCK_T, WRITE_ROWS)
+
+
+def _split_block(splits: int) -> int:
+    """Context splits a merge reads at once."""
+    return min(64, triton.next_power_of_2(splits))
 
 
 def _launch(kernel):
@@ -230,9 +275,7 @@ def _shape_constants(group: int, head_dim: int, block: int) -> dict:
                 num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
 
 
-def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-                 scale: float, softcap: float, write_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor]:
+def _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets):
     b, h, _, d = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     g = h // kv_heads
@@ -242,32 +285,63 @@ def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     ml = torch.empty(b, h, splits, 2, device=query.device, dtype=torch.float32)
     rows = torch.empty(b, h, kv_len if write_rows else 0, device=query.device, dtype=value.dtype)
     tmax = torch.empty(b, h, tiles if write_rows else 0, device=query.device, dtype=torch.float32)
+    merge = tickets is not None
+    out = torch.empty(b, h, d if merge else 0, device=query.device, dtype=query.dtype)
+    factor = torch.empty_like(tmax) if merge else tmax
     q = query[:, :, 0]
     m = _bool_mask(mask, b, kv_len)
-    _launch(_decode_attend_kernel)[(b * kv_heads, splits)](
+    # The merged kernel is launched from an opaque op (below): directly, never through wrap_triton.
+    (_decode_attend_kernel if merge else _launch(_decode_attend_kernel))[(b * kv_heads, splits)](
         q, key, value, m if m is not None else q, partial, ml, rows, tmax,
+        tickets if merge else ml, out, factor,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         m.stride(0) if m is not None else 0, m.stride(1) if m is not None else 0,
         rows.stride(0), rows.stride(1),
         kv_len, kv_heads, per_split, tiles, scale, softcap,
-        HAS_MASK=m is not None, SOFTCAP=softcap > 0, WRITE_ROWS=write_rows, **_shape_constants(g, d, block),
+        HAS_MASK=m is not None, SOFTCAP=softcap > 0, WRITE_ROWS=write_rows, MERGE=merge,
+        BLOCK_S=_split_block(splits), **_shape_constants(g, d, block),
     )
-    return partial, ml, rows, tmax
+    return partial, ml, rows, tmax, out, factor
 
 
-def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                 scale: float, softcap: float, write_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
+    return _attend_launch(query, key, value, mask, scale, softcap, write_rows, None)[:4]
+
+
+def _attend_merged_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                        scale: float, softcap: float, write_rows: bool,
+                        tickets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, _, rows, _, out, factor = _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets)
+    return out, rows, factor
+
+
+def _apply_launch(rows, factor, value, tickets):
     b, h, kv_len = rows.shape
     kv_heads, d = value.shape[1], value.shape[3]
     g = h // kv_heads
     block, per_split, splits = plan(b, kv_heads, kv_len, d, value.device)
     partial = torch.empty(b, h, splits, d, device=value.device, dtype=torch.float32)
-    _launch(_decode_apply_kernel)[(b * kv_heads, splits)](
-        rows, factor, value, partial,
+    merge = tickets is not None
+    out = torch.empty(b, h, d if merge else 0, device=value.device, dtype=value.dtype)
+    (_decode_apply_kernel if merge else _launch(_decode_apply_kernel))[(b * kv_heads, splits)](
+        rows, factor, value, partial, tickets if merge else partial, out,
         rows.stride(0), rows.stride(1), value.stride(0), value.stride(1), value.stride(2),
-        kv_len, kv_heads, per_split, factor.shape[-1], **_shape_constants(g, d, block),
+        kv_len, kv_heads, per_split, factor.shape[-1], MERGE=merge, BLOCK_S=_split_block(splits),
+        **_shape_constants(g, d, block),
     )
-    return partial
+    return out if merge else partial
+
+
+def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return _apply_launch(rows, factor, value, None)
+
+
+def _apply_merged_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor,
+                       tickets: torch.Tensor) -> torch.Tensor:
+    return _apply_launch(rows, factor, value, tickets)
 
 
 def _merge_impl(partial: torch.Tensor, ml: torch.Tensor, tmax: torch.Tensor,
@@ -277,7 +351,7 @@ def _merge_impl(partial: torch.Tensor, ml: torch.Tensor, tmax: torch.Tensor,
     factor = torch.empty_like(tmax)
     _launch(_decode_merge_kernel)[(b * h,)](
         partial, ml, tmax, out, factor, splits, tmax.shape[-1],
-        D=d, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_T=256, WRITE_ROWS=tmax.shape[-1] > 0,
+        D=d, BLOCK_S=_split_block(splits), BLOCK_T=256, WRITE_ROWS=tmax.shape[-1] > 0,
         num_warps=4,
     )
     return out, factor
@@ -289,6 +363,27 @@ if triton is not None and triton_op is not None and not INTERPRET:
     _merge_op = triton_op("uniattn::decode_merge", mutates_args=())(_merge_impl)
 else:
     _attend_op, _apply_op, _merge_op = _attend_impl, _apply_impl, _merge_impl
+
+if OPAQUE:
+    # Opaque to torch.compile (Triton's own launcher starts them): traced as user kernels, Inductor's
+    # analysis of the merge took every argument for mutated and failed on the boolean mask.
+    _attend_merged_op = torch.library.custom_op("uniattn::decode_attend_merged",
+                                                mutates_args=("tickets",))(_attend_merged_impl)
+    _apply_merged_op = torch.library.custom_op("uniattn::decode_apply_merged",
+                                               mutates_args=("tickets",))(_apply_merged_impl)
+
+    @_attend_merged_op.register_fake
+    def _(query, key, value, mask, scale, softcap, write_rows, tickets):
+        b, h, _, d = query.shape
+        tiles = plan(b, key.shape[1], key.shape[2], d, query.device)
+        return (query.new_empty(b, h, d), value.new_empty(b, h, key.shape[2] if write_rows else 0),
+                query.new_empty(b, h, tiles[1] * tiles[2] if write_rows else 0, dtype=torch.float32))
+
+    @_apply_merged_op.register_fake
+    def _(rows, factor, value, tickets):
+        return value.new_empty(rows.shape[0], rows.shape[1], value.shape[3])
+else:
+    _attend_merged_op, _apply_merged_op = _attend_merged_impl, _apply_merged_impl
 
 
 def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) -> bool:
@@ -303,26 +398,35 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) ->
     return all(t.stride(-1) == 1 for t in (query, key, value)) and 16 <= d <= 256 and d & (d - 1) == 0
 
 
-def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float], write_rows: bool):
+def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float], write_rows: bool,
+                  tickets: Optional[torch.Tensor] = None):
     """Attention of one query per sequence; ``query`` ``[batch, heads, 1, head_dim]``, ``key``/``value``
     ``[batch, kv_heads, kv_len, head_dim]`` (heads of one KV group adjacent, as in transformers).
 
     Returns ``(output [batch, 1, heads, head_dim], rows)``; ``rows`` is a ``DecodeRows`` when
-    ``write_rows`` (what ``decode_apply`` takes), else ``None``.
+    ``write_rows`` (what ``decode_apply`` takes), else ``None``. With ``tickets`` (``batch * kv_heads``
+    int32 zeros, left at zero) the last split of each KV group merges the splits in the same kernel.
     """
-    partial, ml, rows, tmax = _attend_op(query, key, value, mask, float(scale), float(softcap or 0.0),
-                                         bool(write_rows))
-    out, factor = _merge_op(partial, ml, tmax, query.dtype)
+    if tickets is not None:
+        out, rows, factor = _attend_merged_op(query, key, value, mask, float(scale), float(softcap or 0.0),
+                                              bool(write_rows), tickets)
+    else:
+        partial, ml, rows, tmax = _attend_op(query, key, value, mask, float(scale), float(softcap or 0.0),
+                                             bool(write_rows))
+        out, factor = _merge_op(partial, ml, tmax, query.dtype)
     out = out[:, None]
     if not write_rows:
         return out, None
     return out, DecodeRows(rows, factor, block_size(key.shape[3]))
 
 
-def decode_apply(rows: DecodeRows, value: torch.Tensor) -> torch.Tensor:
-    """A follower's ``P @ V`` from a leader's ``decode_attend`` rows; returns ``[batch, 1, heads, head_dim]``."""
+def decode_apply(rows: DecodeRows, value: torch.Tensor, tickets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A follower's ``P @ V`` from a leader's ``decode_attend`` rows; returns ``[batch, 1, heads, head_dim]``.
+    With ``tickets`` (as for ``decode_attend``) the splits are summed in the same kernel."""
     if value.shape[2] != rows.rows.shape[-1]:
         raise ValueError(f"the follower's V cache holds {value.shape[2]} positions but its leader's rows "
                          f"{rows.rows.shape[-1]}: the cache layers of a SuperBlock are out of step")
+    if tickets is not None:
+        return _apply_merged_op(rows.rows, rows.factor, value, tickets)[:, None]
     partial = _apply_op(rows.rows, rows.factor, value)
     return partial.sum(2).to(value.dtype)[:, None]

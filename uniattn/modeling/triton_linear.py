@@ -16,6 +16,14 @@ against 32 (docs/bench_h200_linear.md). Under CUDA graphs (``mode="reduce-overhe
 cost nothing. Compiled without CUDA graphs, each product is still launched from Python: not
 measured; ``UNIATTN_DECODE_LINEAR=torch`` turns the kernel off.
 
+``fused_linear`` adds what surrounds a product in a decoder layer, for A/Bs of the fused decode
+layer (``decode_layer.FUSE``): an RMSNorm of ``x`` (its sums of squares gathered in the same pass
+over ``x``, the 1/rms factor applied to the product), ``SiLU(gate) * up`` from gate rows over up
+rows, a residual and a second addend. Measured on an H200, each cost more than the separate kernel
+it removes (``python -m uniattn.tools.fusion_sweep``, docs/fusion_sweep_h200.md). A normed operand
+is computed on, so Triton's pipeliner does not load it ahead; ``NORM_PREFETCH`` loads it one tile
+ahead by hand, which halved the normed gate+up product's time (202.6 to 102.0 us).
+
 ``PDL["on"]`` launches it as a programmatic dependent launch (Hopper and later): it may start
 while the kernel before it finishes, reads its first weight tile, and waits for that kernel's
 writes only before it reads ``x``. Measured, it did not pay (``launch_chain``; docs/BENCHMARK.md),
@@ -39,6 +47,7 @@ except ImportError:  # CPU-only installs: linear() is F.linear
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 16
 PDL = {"on": False, "early": True, "trigger": "wait"}
+NORM_PREFETCH = {"on": True}  # with an RMSNorm applied to x: load x's tiles one ahead (module docstring)
 _mode = os.environ.get("UNIATTN_DECODE_LINEAR", "auto")
 if _mode not in ("auto", "torch"):
     raise ValueError(f"UNIATTN_DECODE_LINEAR={_mode!r} is not one of ('auto', 'torch')")
@@ -47,16 +56,37 @@ if _mode not in ("auto", "torch"):
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(X, W, B, Y, M, K, sx, sw, sy, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                       EARLY: tl.constexpr, LATE_TRIGGER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+    def _x_tile(xp, k, rows, NW, kk, NORM: tl.constexpr):
+        """A K tile of the token rows; with ``NORM`` times the RMSNorm weight, and the rows' sums of squares
+        (the 1 / rms factor is applied to the product at the end: one pass over ``x``)."""
+        x = tl.load(xp + k, mask=rows, other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            return (xf * tl.load(NW + k + kk).to(tl.float32)[None, :]).to(x.dtype), tl.sum(xf * xf, 1)
+        return x, tl.zeros([x.shape[0]], tl.float32)
+
+    @triton.jit
+    def _normed(x, g):
+        """``x`` times the RMSNorm weight ``g`` (the operand of the product), and the rows' sums of squares."""
+        xf = x.to(tl.float32)
+        return (xf * g.to(tl.float32)[None, :]).to(x.dtype), tl.sum(xf * xf, 1)
+
+    @triton.jit
+    def _linear_kernel(X, W, B, Y, NW, R, E, M, K, sx, sw, sy, sr, se, up_rows, eps,
+                       HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                       EXTRA: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+                       LATE_TRIGGER: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
         wp = W + n[:, None] * sw + kk[None, :]
+        up = wp + up_rows * sw  # GATED: the up projection's rows, `up_rows` below the gate's
         xp = X + m[:, None] * sx + kk[None, :]
         rows = (m < M)[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_M], tl.float32)
         start = 0
         if EARLY:  # the weight does not depend on the kernel before: read a tile while it finishes
             w0 = tl.load(wp)
@@ -65,14 +95,45 @@ if triton is not None:
             if not LATE_TRIGGER:
                 tl.extra.cuda.gdc_launch_dependents()
         if EARLY:
-            acc += tl.dot(tl.load(xp, mask=rows, other=0.0), tl.trans(w0))
+            x, sq = _x_tile(xp, 0, rows, NW, kk, NORM)
+            acc += tl.dot(x, tl.trans(w0))
+            if GATED:
+                acc_up += tl.dot(x, tl.trans(tl.load(up)))
+            ss += sq
             start = BLOCK_K
+        if NORM and PREFETCH:
+            x_next = tl.load(xp + start, mask=rows, other=0.0)
+            g_next = tl.load(NW + start + kk)
         for k in range(start, K, BLOCK_K):
-            acc += tl.dot(tl.load(xp + k, mask=rows, other=0.0), tl.trans(tl.load(wp + k)))
+            if NORM and PREFETCH:
+                # The operand is computed on, so the pipeliner does not load it ahead: this does, one
+                # tile ahead (the last fetch wraps to the first tile: in bounds, unused).
+                x, sq = _normed(x_next, g_next)
+                ahead = (k + BLOCK_K) % K
+                x_next = tl.load(xp + ahead, mask=rows, other=0.0)
+                g_next = tl.load(NW + ahead + kk)
+            else:
+                x, sq = _x_tile(xp, k, rows, NW, kk, NORM)
+            acc += tl.dot(x, tl.trans(tl.load(wp + k)))
+            if GATED:
+                acc_up += tl.dot(x, tl.trans(tl.load(up + k)))
+            ss += sq
         if PDL and LATE_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
+        if NORM:
+            r = tl.rsqrt(ss / K + eps)[:, None]
+            acc = acc * r
+            acc_up = acc_up * r
         if HAS_BIAS:
             acc += tl.load(B + n).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(B + up_rows + n).to(tl.float32)[None, :]
+        if GATED:  # SiLU(gate) * up
+            acc = acc * tl.sigmoid(acc) * acc_up
+        if RESIDUAL:
+            acc += tl.load(R + m[:, None] * sr + n[None, :], mask=rows, other=0.0).to(tl.float32)
+        if EXTRA:
+            acc += tl.load(E + m[:, None] * se + n[None, :], mask=rows, other=0.0).to(tl.float32)
         tl.store(Y + m[:, None] * sy + n[None, :], acc.to(Y.dtype.element_ty), mask=rows)
 
 
@@ -107,30 +168,63 @@ def usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and config(*weight.shape) is not None)
 
 
-def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0, residual: Optional[torch.Tensor] = None,
+                 extra: Optional[torch.Tensor] = None, gated: bool = False) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, stages = config(n, k)
-    y = torch.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    if gated:  # two half-width tiles per program: the launch and the bytes per program stay as tuned
+        block_n //= 2
+    out = n // 2 if gated else n
+    y = torch.empty(x.shape[0], out, device=x.device, dtype=x.dtype)
     pdl = PDL["on"] and not INTERPRET
-    extra = {"launch_pdl": True} if pdl else {}
-    _linear_kernel[(n // block_n,)](
-        x, weight, bias if bias is not None else weight, y, x.shape[0], k, x.stride(0), weight.stride(0),
-        y.stride(0), HAS_BIAS=bias is not None, PDL=pdl, EARLY=PDL["early"] and pdl,
+    launch = {"launch_pdl": True} if pdl else {}
+    _linear_kernel[(out // block_n,)](
+        x, weight, bias if bias is not None else weight, y,
+        norm_weight if norm_weight is not None else weight, residual if residual is not None else y,
+        extra if extra is not None else y, x.shape[0], k, x.stride(0), weight.stride(0), y.stride(0),
+        residual.stride(0) if residual is not None else 0, extra.stride(0) if extra is not None else 0,
+        out if gated else 0, float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=gated,
+        RESIDUAL=residual is not None, EXTRA=extra is not None, PREFETCH=NORM_PREFETCH["on"], PDL=pdl,
+        EARLY=PDL["early"] and pdl,
         LATE_TRIGGER=PDL["trigger"] == "loop", BLOCK_M=MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages, **extra)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages, **launch)
     return y
 
 
-if triton is not None and hasattr(torch.library, "custom_op") and not INTERPRET:
+# Whether the kernels' Python entry points become opaque custom ops. Under the interpreter they stay plain
+# functions, unless UNIATTN_INTERPRET_OPS=1: then a CPU test can compile code that calls them.
+OPAQUE = (triton is not None and hasattr(torch.library, "custom_op")
+          and (not INTERPRET or os.environ.get("UNIATTN_INTERPRET_OPS") == "1"))
+
+if OPAQUE:
     # Opaque to torch.compile, so that Triton's own launcher starts it (a programmatic dependent
     # launch needs a launch attribute that Inductor's launcher of user kernels does not pass).
     _linear_op = torch.library.custom_op("uniattn::decode_linear", mutates_args=())(_linear_impl)
 
     @_linear_op.register_fake
-    def _(x, weight, bias):
-        return x.new_empty(x.shape[0], weight.shape[0])
+    def _(x, weight, bias, norm_weight=None, eps=0.0, residual=None, extra=None, gated=False):
+        return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
 else:
     _linear_op = _linear_impl
+
+
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            *others: Optional[torch.Tensor]) -> bool:
+    """Whether ``fused_linear`` serves these operands: ``usable``, and ``others`` (a norm weight, a
+    residual, ...) of ``x``'s dtype and contiguous in their last dimension."""
+    return usable(x, weight, bias) and all(t is None or (t.dtype == x.dtype and t.stride(-1) == 1) for t in others)
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                 norm: Optional[tuple[torch.Tensor, float]] = None, gated: bool = False,
+                 residual: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One decode-size product with what surrounds it in a decoder layer, for 2-D ``x`` ``[rows, K]``:
+    ``residual + extra + act(rmsnorm(x) @ W.T + b)``, where ``norm=(weight, eps)`` applies an RMSNorm
+    (LLaMA's: ``x / rms(x) * weight``) to ``x`` first and ``gated`` reads ``W`` as gate rows over up
+    rows and returns ``SiLU(gate) * up``. The caller checks ``fusable`` first."""
+    nw, eps = norm if norm is not None else (None, 0.0)
+    return _linear_op(x, weight, bias, nw, eps, residual, extra, gated)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

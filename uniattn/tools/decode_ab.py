@@ -5,12 +5,14 @@
 The benchmark's LLaMA-3.1-8B-shaped UniAttn model (random bf16 weights, layout ``4 16 33``, fused
 projections), compiled afresh for every variant and point as ``bench`` compiles it
 (``static_decode_step``), timed as ``bench`` times it: the median of 15 timings of 10 steps queued
-back to back. Variants (``VARIANTS``): the products on cuBLAS or on ``triton_linear``'s kernel;
-Inductor's programmatic dependent launch for its own kernels (``torch._inductor.config.triton.
+back to back. Variants (``VARIANTS``): the products on cuBLAS or on ``triton_linear``'s kernel, with the
+stock layer forward or the fused decode layer (``decode_layer``, the serving path's default), the
+latter also with the further fusions it leaves off (``decode_layer.FUSE``); Inductor's programmatic dependent launch for its own kernels (``torch._inductor.config.triton.
 enable_pdl``) and the product kernel's (``triton_linear.PDL``). Each variant runs once per point, so
 differences of 1-2% are within the spread between runs (docs/BENCHMARK.md).
 
-Each cell also gives the relative L2 error of the compiled step's logits against the same step run
+Each cell also gives the step's share of ``bench``'s byte-model limit (bytes a step reads over the
+copy bandwidth measured at the start of the run) and the relative L2 error of the compiled step's logits against the same step run
 eagerly with the products on cuBLAS and no PDL (same seeded cache and tokens); bf16 steps land
 near 1e-2 (``decode_check``'s compiled row), so a launch setting that breaks an ordering shows
 as an error far above that.
@@ -24,18 +26,23 @@ import time
 
 import torch
 
-from ..modeling import triton_linear
+from ..modeling import decode_layer, triton_linear
 from ..modeling.fused import fuse_projections
 from . import bench
 
-# name: (products on the kernel, Inductor PDL, the kernel's PDL release point or None)
+# name: (products on the kernel, Inductor PDL, the kernel's PDL release point or None, fused decode layer:
+# False, True, or True with these of decode_layer.FUSE changed)
 VARIANTS = {
-    "cuBLAS": (False, False, None),
-    "kernel": (True, False, None),
-    "kernel + Inductor PDL": (True, True, None),
-    "kernel PDL (release after the wait)": (True, False, "wait"),
-    "kernel PDL (release after the wait) + Inductor PDL": (True, True, "wait"),
-    "kernel PDL (release after the loop) + Inductor PDL": (True, True, "loop"),
+    "cuBLAS": (False, False, None, False),
+    "kernel": (True, False, None, False),
+    "fused layer": (True, False, None, True),
+    "fused layer, splits merged by the last split": (True, False, None, {"merge": True}),
+    "fused layer, everything fused": (True, False, None, {"norm": True, "gated": True, "residual": True,
+                                                          "merge": True}),
+    "kernel + Inductor PDL": (True, True, None, False),
+    "kernel PDL (release after the wait)": (True, False, "wait", False),
+    "kernel PDL (release after the wait) + Inductor PDL": (True, True, "wait", False),
+    "kernel PDL (release after the loop) + Inductor PDL": (True, True, "loop", False),
 }
 
 
@@ -68,7 +75,9 @@ def main(argv=None) -> int:
     del stock
     bench.free()
     fuse_projections(uni)
-    saved = (triton_linear._mode, dict(triton_linear.PDL), getattr(inductor_config.triton, "enable_pdl", False))
+    saved = (triton_linear._mode, dict(triton_linear.PDL), getattr(inductor_config.triton, "enable_pdl", False),
+             decode_layer._mode)
+    fuse = dict(decode_layer.FUSE)
     try:
         triton_linear._mode = "torch"
         reference = {}
@@ -76,12 +85,18 @@ def main(argv=None) -> int:
             torch.manual_seed(0)  # the cache's contents and the tokens, the same for every variant
             reference[batch, context] = bench.static_decode_step(uni, batch, context, compiled=False)().logits.float()
             bench.free()
-        print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}\n\n| variant | "
-              + " | ".join(f"batch {b}, context {n}: ms per step (logits error)" for b, n in args.points)
+        bw = bench.copy_bandwidth()
+        limit = {(b, n): (bench.read_weight_bytes(uni) + b * n * bench.kv_bytes_per_token(uni, n)) / bw * 1e3
+                 for b, n in args.points}
+        print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e12:.3f} TB/s; "
+              "a cell: ms per step (share of the byte-model limit, bench's; logits error)\n\n| variant | "
+              + " | ".join(f"batch {b}, context {n} (limit {limit[b, n]:.2f} ms)" for b, n in args.points)
               + " |\n|---|" + "---|" * len(args.points), flush=True)
         for name in args.variants:
-            on_kernel, inductor_pdl, release = VARIANTS[name]
+            on_kernel, inductor_pdl, release, layer = VARIANTS[name]
             triton_linear._mode = "auto" if on_kernel else "torch"
+            decode_layer._mode = "auto" if layer else "torch"
+            decode_layer.FUSE.update(fuse, **(layer if isinstance(layer, dict) else {}))
             triton_linear.PDL.update(on=release is not None, early=True, trigger=release or "wait")
             if hasattr(inductor_config.triton, "enable_pdl"):
                 inductor_config.triton.enable_pdl = inductor_pdl
@@ -93,13 +108,14 @@ def main(argv=None) -> int:
                 ms = bench.cuda_median_ms(step, repeat=15, warmup=5, inner=bench.DECODE_STEPS)
                 ref = reference[batch, context]
                 err = ((step().logits.float() - ref).norm() / ref.norm()).item()
-                cells.append(f"{ms:.3f} ({err:.1e})")
+                cells.append(f"{ms:.3f} ({limit[batch, context] / ms:.0%}; {err:.1e})")
                 print(f"  ({name}, {batch}x{context}: {time.time() - start:.0f} s)", file=sys.stderr, flush=True)
                 del step
                 bench.free()
             print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     finally:
-        triton_linear._mode, pdl, enable = saved
+        triton_linear._mode, pdl, enable, decode_layer._mode = saved
+        decode_layer.FUSE.update(fuse)
         triton_linear.PDL.update(pdl)
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = enable

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, Gemma2Config, Llama
 import uniattn
 from uniattn.convert import uniattn_config_from
 from uniattn.io import write_text
-from uniattn.modeling import kernels, triton_decode, triton_linear
+from uniattn.modeling import decode_layer, kernels, triton_decode, triton_linear, triton_qkv
 from uniattn.modeling.fused import fuse_projections, unfuse_projections
 from uniattn.modeling.kernels import grouped_apply, grouped_probs
 
@@ -80,11 +80,19 @@ def kernel_rows():
         out, dec = triton_decode.decode_attend(q, k, v, mask, scale, cap, write_rows=True)
         plain, none = triton_decode.decode_attend(q, k, v, mask, scale, cap, write_rows=False)
         follower = triton_decode.decode_apply(dec, v2)
+        # the splits merged by the last split of each KV group (the fused decode layer's way)
+        tickets = torch.zeros(b * kvh, dtype=torch.int32, device=dev)
+        merged, mdec = triton_decode.decode_attend(q, k, v, mask, scale, cap, write_rows=True, tickets=tickets)
+        mfollower = triton_decode.decode_apply(mdec, v2, tickets=tickets)
         ref_p = grouped_probs(q.double(), k.double(), mask, scale, cap, h // kvh)
         errs = {"output": rel(out, grouped_apply(ref_p, v.double())), "rows": rel(dec.dense(), ref_p),
                 "follower": rel(follower, grouped_apply(ref_p, v2.double())),
-                "no-rows output": rel(plain, grouped_apply(ref_p, v.double()))}
-        ok = none is None and all(e < BF16_TOL for e in errs.values()) and not out.isnan().any()
+                "no-rows output": rel(plain, grouped_apply(ref_p, v.double())),
+                "merged output": rel(merged, grouped_apply(ref_p, v.double())),
+                "merged rows": rel(mdec.dense(), ref_p),
+                "merged follower": rel(mfollower, grouped_apply(ref_p, v2.double()))}
+        ok = (none is None and all(e < BF16_TOL for e in errs.values()) and not out.isnan().any()
+              and not merged.isnan().any() and not tickets.any())
         rows.append((f"kernel: {name}", errs, ok))
     return rows
 
@@ -108,6 +116,62 @@ def linear_rows():
         errs = {"output": rel(got, ref)}
         ok = triton_linear.usable(x, w, bias) and errs["output"] < BF16_TOL and torch.equal(got, pdl)
         rows.append((f"product: {name}, {m} rows, {str(dtype)[6:]}{', bias' if bias is not None else ''}", errs, ok))
+    return rows
+
+
+def _rmsnorm64(x, weight, eps):
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@torch.no_grad()
+def fused_rows():
+    """The fused decode layer's kernels at LLaMA-3.1-8B's shapes (bf16, 8 rows) against float64: the
+    products with RMSNorm, SiLU gating and residuals, and the Q/K/V / W_c+V projection with RoPE and
+    the static-cache write (which must advance the position counter and leave its ticket at zero)."""
+    rows, dev, dt, m = [], "cuda", torch.bfloat16, 8
+    hidden, inter, heads, kv_heads, d, max_len = 4096, 14336, 32, 8, 128, 64
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, device=dev, dtype=dt) * scale
+
+    x, res, extra = rand(m, hidden), rand(m, hidden), rand(m, hidden)
+    g = 1 + rand(hidden, scale=0.1)
+    w_o, w_gu, w_down = rand(hidden, hidden, scale=hidden ** -0.5), rand(2 * inter, hidden, scale=hidden ** -0.5), \
+        rand(hidden, inter, scale=inter ** -0.5)
+    xn = _rmsnorm64(x, g, 1e-5)
+    got = triton_linear.fused_linear(x, w_o, None, residual=res, extra=extra)
+    errs = {"O + residual + W_c u": rel(got, res.double() + extra.double() + x.double() @ w_o.double().T)}
+    gu = xn @ w_gu.double().T
+    got = triton_linear.fused_linear(x, w_gu, None, norm=(g, 1e-5), gated=True)
+    errs["norm, gate+up, SiLU"] = rel(got, torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+    act = rand(m, inter)
+    got = triton_linear.fused_linear(act, w_down, None, residual=res)
+    errs["down + residual"] = rel(got, res.double() + act.double() @ w_down.double().T)
+    rows.append(("fused products: LLaMA-3.1-8B, 8 rows, bf16", errs, all(e < BF16_TOL for e in errs.values())))
+
+    cos, sin = rand(m, d), rand(m, d)
+
+    def rope(t):  # [rows, heads, d], float64
+        half = torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
+        return t * cos.double()[:, None] + half * sin.double()[:, None]
+
+    for name, n_out, n_k in (("Q/K/V", heads, kv_heads), ("follower W_c/V", hidden // d, 0)):
+        w = rand((n_out + n_k + kv_heads) * d, hidden, scale=hidden ** -0.5)
+        keys = torch.zeros(m, kv_heads, max_len, d if n_k else 0, device=dev, dtype=dt)
+        values = torch.zeros(m, kv_heads, max_len, d, device=dev, dtype=dt)
+        counter = torch.tensor(37, device=dev)
+        ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+        out = triton_qkv.project(x, w, None, (g, 1e-5), cos, sin, keys, values, counter, ticket,
+                                 n_out=n_out, rope_out=n_k > 0, n_k=n_k, head_dim=d)
+        y = (xn @ w.double().T).view(m, -1, d)
+        want_out = rope(y[:, :n_out]) if n_k else y[:, :n_out]
+        errs = {"out": rel(out.view(m, n_out, d), want_out), "V written": rel(values[:, :, 37], y[:, n_out + n_k:])}
+        if n_k:
+            errs["K written"] = rel(keys[:, :, 37], rope(y[:, n_out:n_out + n_k]))
+        untouched = not values[:, :, :37].any() and not values[:, :, 38:].any()
+        ok = all(e < BF16_TOL for e in errs.values()) and untouched and counter.item() == 38 and not ticket.any()
+        rows.append((f"projection to the cache: {name}, 8 rows, bf16", errs, ok))
     return rows
 
 
@@ -187,10 +251,13 @@ def model_rows():
 
 
 def compiled_rows():
+    """One compiled static-cache step with the Triton kernels and fused projections, with the fused
+    decode layer (``decode_layer``) and without it, against the eager PyTorch path."""
     model = tiny_model("llama", (2, 1, 6)).to(torch.bfloat16)
     ids = torch.randint(3, 101, (4, 40), device="cuda")
     cache = StaticCache(config=model.config, max_cache_len=48)
     step_ids, step_pos = ids[:, -1:], torch.full((4, 1), 39, device="cuda")
+    rows = []
     with torch.no_grad():
         model(ids[:, :39], past_key_values=cache, use_cache=True)
 
@@ -203,11 +270,22 @@ def compiled_rows():
         ref = step().clone()
         kernels.set_decode_kernel("auto")
         fuse_projections(model)
-        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-        for _ in range(3):
-            got = compiled().clone()
-    err = rel(got, ref)
-    return [("compiled static decode, fused projections (bf16)", {"logits": err}, err < BF16_TOL)]
+        saved = decode_layer._mode
+        try:
+            for mode, name in (("auto", "fused decode layer"), ("torch", "stock layer forward")):
+                decode_layer._mode = mode
+                torch._dynamo.reset()
+                compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+                for _ in range(3):
+                    got = compiled().clone()
+                err = rel(got, ref)
+                counters = {int(layer.cumulative_length) for layer in cache.layers}
+                tickets = any(t.any() for n, t in model.named_buffers() if "ticket" in n)
+                rows.append((f"compiled static decode, fused projections, {name} (bf16)", {"logits": err},
+                             err < BF16_TOL and counters == {40} and not tickets))
+        finally:
+            decode_layer._mode = saved
+    return rows
 
 
 def main(argv=None) -> int:
@@ -219,7 +297,7 @@ def main(argv=None) -> int:
         return 2
     torch.manual_seed(0)
     rows = []
-    for part in (kernel_rows, linear_rows, model_rows, compiled_rows):
+    for part in (kernel_rows, linear_rows, fused_rows, model_rows, compiled_rows):
         try:
             got = part()
         except Exception as e:  # report the part as failed and go on with the others
