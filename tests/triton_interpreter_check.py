@@ -23,7 +23,7 @@ from unittest import mock  # noqa: E402
 
 from uniattn.modeling import kernels, triton_decode, triton_linear, triton_qkv  # noqa: E402
 from uniattn.modeling.kernels import grouped_apply, grouped_probs  # noqa: E402
-from uniattn.tools.decode_check import rel, stepwise  # noqa: E402  (the GPU check's decode loop and error)
+from uniattn.tools.decode_check import rel, rmsnorm64, rope64, stepwise  # noqa: E402  (the GPU check's helpers)
 
 assert triton_decode.INTERPRET and triton_decode.triton is not None, "needs TRITON_INTERPRET=1 and Triton"
 
@@ -91,11 +91,6 @@ def linear_cases():
     print("linear: ok", flush=True)
 
 
-def _rmsnorm64(x, g, eps):
-    x = x.double()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.double()
-
-
 def fused_cases():
     """``triton_linear.fused_linear``'s norm, gating and residuals, and ``triton_qkv.project``."""
     g = torch.Generator().manual_seed(2)
@@ -106,7 +101,7 @@ def fused_cases():
     m, k, n = 5, 512, 512
     x, res, extra, nw = rand(m, k), rand(m, n), rand(m, n), 1 + rand(k, scale=0.1)
     w, wg, bias, bias_g = rand(n, k, scale=k ** -0.5), rand(2 * n, k, scale=k ** -0.5), rand(n), rand(2 * n)
-    xn = _rmsnorm64(x, nw, 1e-5)
+    xn = rmsnorm64(x, nw, 1e-5)
     got = triton_linear.fused_linear(x, w, bias, residual=res, extra=extra)
     assert rel(got, res.double() + extra.double() + x.double() @ w.double().T + bias.double()) < 2e-3, "residual"
     gu = xn @ wg.double().T + bias_g.double()
@@ -122,8 +117,7 @@ def fused_cases():
     cos, sin = rand(b, d), rand(b, d)
 
     def rope(t):
-        half = torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
-        return t * cos.double()[:, None] + half * sin.double()[:, None]
+        return rope64(t, cos, sin)
 
     for n_out, n_k, norm in ((heads, kv_heads, (nw, 1e-6)), (hidden // d, 0, (nw, 1e-6)), (heads, kv_heads, None)):
         w = rand((n_out + n_k + kv_heads) * d, hidden, scale=hidden ** -0.5)
@@ -133,7 +127,7 @@ def fused_cases():
         counter, ticket = torch.tensor(4), torch.zeros(1, dtype=torch.int32)
         out = triton_qkv.project(x, w, bias, norm, cos, sin, keys, values, counter, ticket, n_out=n_out,
                                  rope_out=n_k > 0, n_k=n_k, head_dim=d)
-        y = ((_rmsnorm64(x, *norm) if norm else x.double()) @ w.double().T + bias.double()).view(b, -1, d)
+        y = ((rmsnorm64(x, *norm) if norm else x.double()) @ w.double().T + bias.double()).view(b, -1, d)
         case = (n_out, n_k, norm is not None)
         assert rel(out.view(b, n_out, d), rope(y[:, :n_out]) if n_k else y[:, :n_out]) < 2e-3, f"project out {case}"
         assert rel(values[:, :, 4], y[:, n_out + n_k:]) < 2e-3, f"project V {case}"

@@ -41,10 +41,9 @@ import functools
 import torch
 from torch import nn
 
-from . import decode_layer
 from .triton_linear import linear as decode_linear
 from .attention import FollowerAttention, SoftmaxAttentionMixin, fused_outputs
-from .decode_layer import FusedDecoderLayer
+from .decode_layer import FusedDecoderLayer, add_tickets, fits
 
 # W_c before V: the fused decode step (decode_layer.py) writes the heads after the first ones into the cache.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("compensation", "v_proj"),
@@ -109,9 +108,9 @@ def fuse_projections(model: nn.Module) -> int:
     many groups were fused. Idempotent."""
     count = 0
     for module in list(model.modules()):
-        if decode_layer.fits(module) and not isinstance(module, FusedDecoderLayer):
+        if fits(module) and not isinstance(module, FusedDecoderLayer):
             _swap_class(module, FusedDecoderLayer)
-            decode_layer.add_tickets(module, module.input_layernorm.weight.device)
+            add_tickets(module, module.input_layernorm.weight.device)
         if isinstance(module, FollowerAttention):
             count += _fuse(module, "v_wc")
         elif _has_linears(module, GROUPS["qkv"] + ("o_proj",)):

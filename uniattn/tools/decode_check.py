@@ -119,9 +119,17 @@ def linear_rows():
     return rows
 
 
-def _rmsnorm64(x, weight, eps):
+def rmsnorm64(x, weight, eps):
+    """LLaMA's RMSNorm in float64 (the fused kernels' reference)."""
     x = x.double()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def rope64(t, cos, sin):
+    """RoPE (``rotate_half``) in float64 of ``t`` ``[rows, heads, head_dim]``, ``cos``/``sin`` ``[rows, head_dim]``."""
+    d = t.shape[-1]
+    half = torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
+    return t * cos.double()[:, None] + half * sin.double()[:, None]
 
 
 @torch.no_grad()
@@ -139,7 +147,7 @@ def fused_rows():
     g = 1 + rand(hidden, scale=0.1)
     w_o, w_gu, w_down = rand(hidden, hidden, scale=hidden ** -0.5), rand(2 * inter, hidden, scale=hidden ** -0.5), \
         rand(hidden, inter, scale=inter ** -0.5)
-    xn = _rmsnorm64(x, g, 1e-5)
+    xn = rmsnorm64(x, g, 1e-5)
     got = triton_linear.fused_linear(x, w_o, None, residual=res, extra=extra)
     errs = {"O + residual + W_c u": rel(got, res.double() + extra.double() + x.double() @ w_o.double().T)}
     gu = xn @ w_gu.double().T
@@ -152,9 +160,8 @@ def fused_rows():
 
     cos, sin = rand(m, d), rand(m, d)
 
-    def rope(t):  # [rows, heads, d], float64
-        half = torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1)
-        return t * cos.double()[:, None] + half * sin.double()[:, None]
+    def rope(t):
+        return rope64(t, cos, sin)
 
     for name, n_out, n_k in (("Q/K/V", heads, kv_heads), ("follower W_c/V", hidden // d, 0)):
         w = rand((n_out + n_k + kv_heads) * d, hidden, scale=hidden ** -0.5)
