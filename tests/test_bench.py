@@ -60,9 +60,22 @@ def test_new_gpu_tools_check_their_arguments_first():
                            (["uniattn.tools.launch_chain", "--tokens", "17"], "each must be 1-16"),
                            (["uniattn.tools.decode_ab", "--points", "8y16384"], "a point is BATCHxCONTEXT"),
                            (["uniattn.tools.decode_ab", "--variants", "fast"], "not among"),
+                           (["uniattn.tools.decode_ab", "--attention", "blocks=4"], "with KEY one of"),
+                           (["uniattn.tools.decode_profile", "--attention", "stages=0"], "N >= 1"),
                            (["uniattn.tools.fusion_sweep", "--rows", "17"], "must be 1-16")):
         proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_decode_sweep_ranks_by_the_sum_of_times_over_each_shapes_best():
+    from uniattn.tools.decode_sweep import rank
+    big, small = (8, 16384, 128), (1, 4096, 128)
+    # a: best at the big shape by 1%, 50% slower at the small one; b: 1% slower there, best at the small one
+    times = {("a", big): 100.0, ("a", small): 15.0, ("b", big): 101.0, ("b", small): 10.0,
+             ("c", big): 130.0, ("c", small): 12.0}
+    ranked = rank(times)
+    assert [values for _, values, _ in ranked] == ["b", "a", "c"]
+    assert abs(ranked[0][0] - 2.01) < 1e-9 and ranked[0][2] == {small: 10.0, big: 101.0}
 
 
 def test_long_records_fill_the_length(tmp_path):

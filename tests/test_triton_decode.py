@@ -72,3 +72,48 @@ def test_compiled_fused_decode_in_the_triton_interpreter():
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled: ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_the_launch_shape_reaches_the_ops_as_an_argument(monkeypatch):
+    # Read inside a traced op, CONFIG stayed out of torch.compile's cache key, and a compile after a
+    # change took the cached kernels of the old launch shape (docs/BENCHMARK.md). Passed as an
+    # argument from where dynamo traces, it is in the graph.
+    seen = []
+
+    def attend(q, k, v, mask, scale, softcap, write_rows, launch):
+        seen.append(("attend", list(launch)))
+        b, h, _, d = q.shape
+        return q.new_zeros(b, h, 2, d), q.new_zeros(b, h, 2, 2), q.new_zeros(b, h, k.shape[2]), q.new_zeros(b, h, 3)
+
+    def apply(rows, factor, value, launch):
+        seen.append(("apply", list(launch)))
+        return value.new_zeros(rows.shape[0], rows.shape[1], 2, value.shape[3])
+
+    monkeypatch.setattr(triton_decode, "_attend_op", attend)
+    monkeypatch.setattr(triton_decode, "_apply_op", apply)
+    monkeypatch.setattr(triton_decode, "_merge_op", lambda p, ml, tmax, dtype: (p[:, :, 0].to(dtype), tmax))
+    for key, value in (("programs_per_sm", 3), ("block_n", 32), ("warps", 8), ("stages", 2), ("min_tiles", 5)):
+        monkeypatch.setitem(triton_decode.CONFIG, key, value)
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 70, 16)
+    _, rows = triton_decode.decode_attend(q, k, k, None, 0.25, None, write_rows=True)
+    triton_decode.decode_apply(rows, k)
+    assert seen == [("attend", [3, 32, 8, 2, 5]), ("apply", [3, 32, 8, 2, 5])] and rows.block == 32
+
+
+def test_tiles_shrink_to_the_devices_shared_memory(monkeypatch):
+    cuda = torch.device("cuda")
+    for key, value in (("block_n", 128), ("stages", 2)):
+        monkeypatch.setitem(triton_decode.CONFIG, key, value)
+    keys = list(triton_decode.SETTINGS)
+    for smem, block in ((227 << 10, 128), (100 << 10, 64), (40 << 10, 32), (8 << 10, 32)):
+        monkeypatch.setattr(triton_decode, "_shared_memory", lambda device, smem=smem: smem)
+        got = triton_decode.settings(cuda)
+        assert got[keys.index("block_n")] == block and got[keys.index("stages")] == 2, (smem, got)
+    assert triton_decode.settings()[keys.index("block_n")] == 128  # no device: CONFIG as it is
+
+
+def test_the_launch_shape_is_read_in_a_fullgraph_compile():
+    # decode_attend calls settings(device) where dynamo traces a compiled decode step.
+    fn = torch.compile(lambda x: x * triton_decode.settings(x.device)[1], fullgraph=True, backend="eager")
+    x = torch.randn(3)
+    torch.testing.assert_close(fn(x), x * triton_decode.CONFIG["block_n"])

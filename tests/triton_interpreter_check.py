@@ -54,6 +54,25 @@ def kernel_cases():
                 rel(triton_decode.decode_apply(mrows, v2, tickets), ref_f))
         assert max(errs) < tol, f"kernel case {(b, h, kvh, n, d, cap, window, padded, dtype)}: errors {errs}"
         assert not tickets.any(), "tickets left non-zero"
+    # min_tiles: on the interpreter's 8 "SMs", 200 positions at head_dim 64 are 4 tiles, planned as one
+    # per split; at least 3 per split makes 2 splits, the second partial.
+    saved = dict(triton_decode.CONFIG)
+    try:
+        triton_decode.CONFIG.update(programs_per_sm=8, block_n=64, min_tiles=1)
+        assert triton_decode.plan(3, 3, 200, 64, torch.device("cpu")) == (64, 1, 4)
+        triton_decode.CONFIG["min_tiles"] = 3
+        assert triton_decode.plan(3, 3, 200, 64, torch.device("cpu")) == (64, 3, 2)
+        assert triton_decode.plan(1, 1, 100, 64, torch.device("cpu")) == (64, 2, 1)  # fewer tiles than that: one split
+        q, k, v = (torch.randn(3, 9 if i == 0 else 3, 1 if i == 0 else 200, 64, generator=g) for i in range(3))
+        mask = torch.ones(3, 1, 1, 200, dtype=torch.bool)
+        mask[1, ..., :70] = False
+        out, rows = triton_decode.decode_attend(q, k, v, mask, 0.125, None, write_rows=True)
+        ref_p = grouped_probs(q.double(), k.double(), mask, 0.125, None, 3)
+        errs = (rel(out, grouped_apply(ref_p, v.double())), rel(rows.dense(), ref_p),
+                rel(triton_decode.decode_apply(rows, v), grouped_apply(ref_p, v.double())))
+        assert max(errs) < 1e-5, f"min_tiles 3: errors {errs}"
+    finally:
+        triton_decode.CONFIG.update(saved)
     # A query that may attend to nothing (a padding position) gets zeros, never NaN.
     q, k = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 70, 16)
     mask = torch.ones(2, 1, 1, 70, dtype=torch.bool)

@@ -47,8 +47,34 @@ from .triton_linear import OPAQUE  # noqa: E402  (`from .x import` form: saved c
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch shape. programs_per_sm: enough independent loads in flight to keep HBM busy. Tiles of
 # block_n positions (half that above head_dim 128, where a tile of K is twice the bytes).
-# The best of `python -m uniattn.tools.decode_sweep` on an H200 at LLaMA-3.1-8B's batch 8 / 16k.
-CONFIG = {"programs_per_sm": 8, "block_n": 64, "warps": 4, "stages": 3}
+# min_tiles: the fewest tiles a context split walks (1: as many splits as programs_per_sm asks).
+# The best for the LLaMA-3.1-8B step of `python -m uniattn.tools.decode_sweep` on an H200
+# (docs/decode_sweep_h200.md): few long splits of large tiles, two stages deep. It needs about
+# 128 KiB of shared memory per program; a GPU with less gets smaller tiles (settings()).
+CONFIG = {"programs_per_sm": 2, "block_n": 128, "warps": 4, "stages": 2, "min_tiles": 1}
+# The ops take these settings as an argument, read where torch.compile traces the call: so that
+# they are part of the captured graph and of its cache key. Read inside a traced op, a changed
+# CONFIG was invisible to that key, and a later compile (in another process too) took the
+# cached kernels of the old one: measured on an H200, two launch shapes timed the same.
+SETTINGS = tuple(CONFIG)
+
+
+@torch.compiler.assume_constant_result  # settings() runs where dynamo traces: this runs eagerly there
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may take on ``device`` (as much as it wants off CUDA)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
+
+
+def settings(device: Optional[torch.device] = None) -> list[int]:
+    """``CONFIG`` as the ops' argument. On ``device``, ``block_n`` is halved (down to 32) while the
+    pipeline's K and V tiles (``stages`` of each, 256 bytes a position) outgrow its shared memory."""
+    config = {key: int(CONFIG[key]) for key in SETTINGS}
+    if device is not None:
+        while config["block_n"] > 32 and config["stages"] * config["block_n"] * 512 + (16 << 10) > _shared_memory(device):
+            config["block_n"] //= 2
+    return [config[key] for key in SETTINGS]
 
 
 def available(query: torch.Tensor) -> bool:
@@ -77,18 +103,23 @@ class DecodeRows(NamedTuple):
         return (self.rows.float() * per_position)[:, :, None].to(self.rows.dtype)
 
 
-def block_size(head_dim: int) -> int:
-    """Positions per tile."""
-    return CONFIG["block_n"] if head_dim <= 128 else CONFIG["block_n"] // 2
+def block_size(head_dim: int, launch: Optional[list[int]] = None) -> int:
+    """Positions per tile (``launch``: ``settings()``, by default the current ones)."""
+    block_n = dict(zip(SETTINGS, launch or settings()))["block_n"]
+    return block_n if head_dim <= 128 else block_n // 2
 
 
-def plan(batch: int, kv_heads: int, kv_len: int, head_dim: int, device: torch.device) -> tuple[int, int, int]:
+def plan(batch: int, kv_heads: int, kv_len: int, head_dim: int, device: torch.device,
+         launch: Optional[list[int]] = None) -> tuple[int, int, int]:
     """``(block, tiles_per_split, splits)``: tiles of ``block_size`` positions, split so that about
-    ``CONFIG["programs_per_sm"]`` programs run per multiprocessor."""
-    block = block_size(head_dim)
+    ``CONFIG["programs_per_sm"]`` programs run per multiprocessor, each walking at least
+    ``CONFIG["min_tiles"]`` tiles (all of them where the context has fewer)."""
+    launch = launch or settings(device)
+    config = dict(zip(SETTINGS, launch))
+    block = block_size(head_dim, launch)
     tiles = triton.cdiv(kv_len, block)
-    want = max(1, triton.cdiv(CONFIG["programs_per_sm"] * _sm_count(device), batch * kv_heads))
-    per_split = triton.cdiv(tiles, min(want, tiles))
+    want = max(1, triton.cdiv(config["programs_per_sm"] * _sm_count(device), batch * kv_heads))
+    per_split = min(tiles, max(triton.cdiv(tiles, min(want, tiles)), config["min_tiles"]))
     return block, per_split, triton.cdiv(tiles, per_split)
 
 
@@ -269,17 +300,17 @@ def _launch(kernel):
     return wrap_triton(kernel) if wrap_triton is not None and not INTERPRET else kernel
 
 
-def _shape_constants(group: int, head_dim: int, block: int) -> dict:
+def _shape_constants(group: int, head_dim: int, block: int, launch: list[int]) -> dict:
     """Both kernels' compile-time shape and launch arguments (a KV group padded to the matrix units' 16 rows)."""
     return dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block,
-                num_warps=CONFIG["warps"], num_stages=CONFIG["stages"])
+                num_warps=launch[SETTINGS.index("warps")], num_stages=launch[SETTINGS.index("stages")])
 
 
-def _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets):
+def _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets, launch):
     b, h, _, d = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     g = h // kv_heads
-    block, per_split, splits = plan(b, kv_heads, kv_len, d, query.device)
+    block, per_split, splits = plan(b, kv_heads, kv_len, d, query.device, launch)
     tiles = per_split * splits
     partial = torch.empty(b, h, splits, d, device=query.device, dtype=torch.float32)
     ml = torch.empty(b, h, splits, 2, device=query.device, dtype=torch.float32)
@@ -300,29 +331,29 @@ def _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets)
         rows.stride(0), rows.stride(1),
         kv_len, kv_heads, per_split, tiles, scale, softcap,
         HAS_MASK=m is not None, SOFTCAP=softcap > 0, WRITE_ROWS=write_rows, MERGE=merge,
-        BLOCK_S=_split_block(splits), **_shape_constants(g, d, block),
+        BLOCK_S=_split_block(splits), **_shape_constants(g, d, block, launch),
     )
     return partial, ml, rows, tmax, out, factor
 
 
 def _attend_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
-                 scale: float, softcap: float, write_rows: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                        torch.Tensor]:
-    return _attend_launch(query, key, value, mask, scale, softcap, write_rows, None)[:4]
+                 scale: float, softcap: float, write_rows: bool,
+                 launch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attend_launch(query, key, value, mask, scale, softcap, write_rows, None, launch)[:4]
 
 
 def _attend_merged_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
                         scale: float, softcap: float, write_rows: bool,
-                        tickets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, _, rows, _, out, factor = _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets)
+                        tickets: torch.Tensor, launch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, _, rows, _, out, factor = _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets, launch)
     return out, rows, factor
 
 
-def _apply_launch(rows, factor, value, tickets):
+def _apply_launch(rows, factor, value, tickets, launch):
     b, h, kv_len = rows.shape
     kv_heads, d = value.shape[1], value.shape[3]
     g = h // kv_heads
-    block, per_split, splits = plan(b, kv_heads, kv_len, d, value.device)
+    block, per_split, splits = plan(b, kv_heads, kv_len, d, value.device, launch)
     partial = torch.empty(b, h, splits, d, device=value.device, dtype=torch.float32)
     merge = tickets is not None
     out = torch.empty(b, h, d if merge else 0, device=value.device, dtype=value.dtype)
@@ -330,18 +361,18 @@ def _apply_launch(rows, factor, value, tickets):
         rows, factor, value, partial, tickets if merge else partial, out,
         rows.stride(0), rows.stride(1), value.stride(0), value.stride(1), value.stride(2),
         kv_len, kv_heads, per_split, factor.shape[-1], MERGE=merge, BLOCK_S=_split_block(splits),
-        **_shape_constants(g, d, block),
+        **_shape_constants(g, d, block, launch),
     )
     return out if merge else partial
 
 
-def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return _apply_launch(rows, factor, value, None)
+def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor, launch: list[int]) -> torch.Tensor:
+    return _apply_launch(rows, factor, value, None, launch)
 
 
 def _apply_merged_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor,
-                       tickets: torch.Tensor) -> torch.Tensor:
-    return _apply_launch(rows, factor, value, tickets)
+                       tickets: torch.Tensor, launch: list[int]) -> torch.Tensor:
+    return _apply_launch(rows, factor, value, tickets, launch)
 
 
 def _merge_impl(partial: torch.Tensor, ml: torch.Tensor, tmax: torch.Tensor,
@@ -373,14 +404,14 @@ if OPAQUE:
                                                mutates_args=("tickets",))(_apply_merged_impl)
 
     @_attend_merged_op.register_fake
-    def _(query, key, value, mask, scale, softcap, write_rows, tickets):
+    def _(query, key, value, mask, scale, softcap, write_rows, tickets, launch):
         b, h, _, d = query.shape
-        tiles = plan(b, key.shape[1], key.shape[2], d, query.device)
+        tiles = plan(b, key.shape[1], key.shape[2], d, query.device, launch)
         return (query.new_empty(b, h, d), value.new_empty(b, h, key.shape[2] if write_rows else 0),
                 query.new_empty(b, h, tiles[1] * tiles[2] if write_rows else 0, dtype=torch.float32))
 
     @_apply_merged_op.register_fake
-    def _(rows, factor, value, tickets):
+    def _(rows, factor, value, tickets, launch):
         return value.new_empty(rows.shape[0], rows.shape[1], value.shape[3])
 else:
     _attend_merged_op, _apply_merged_op = _attend_merged_impl, _apply_merged_impl
@@ -407,17 +438,18 @@ def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float
     ``write_rows`` (what ``decode_apply`` takes), else ``None``. With ``tickets`` (``batch * kv_heads``
     int32 zeros, left at zero) the last split of each KV group merges the splits in the same kernel.
     """
+    launch = settings(query.device)
     if tickets is not None:
         out, rows, factor = _attend_merged_op(query, key, value, mask, float(scale), float(softcap or 0.0),
-                                              bool(write_rows), tickets)
+                                              bool(write_rows), tickets, launch)
     else:
         partial, ml, rows, tmax = _attend_op(query, key, value, mask, float(scale), float(softcap or 0.0),
-                                             bool(write_rows))
+                                             bool(write_rows), launch)
         out, factor = _merge_op(partial, ml, tmax, query.dtype)
     out = out[:, None]
     if not write_rows:
         return out, None
-    return out, DecodeRows(rows, factor, block_size(key.shape[3]))
+    return out, DecodeRows(rows, factor, block_size(key.shape[3], launch))
 
 
 def decode_apply(rows: DecodeRows, value: torch.Tensor, tickets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -427,6 +459,6 @@ def decode_apply(rows: DecodeRows, value: torch.Tensor, tickets: Optional[torch.
         raise ValueError(f"the follower's V cache holds {value.shape[2]} positions but its leader's rows "
                          f"{rows.rows.shape[-1]}: the cache layers of a SuperBlock are out of step")
     if tickets is not None:
-        return _apply_merged_op(rows.rows, rows.factor, value, tickets)[:, None]
-    partial = _apply_op(rows.rows, rows.factor, value)
+        return _apply_merged_op(rows.rows, rows.factor, value, tickets, settings(value.device))[:, None]
+    partial = _apply_op(rows.rows, rows.factor, value, settings(value.device))
     return partial.sum(2).to(value.dtype)[:, None]

@@ -9,7 +9,9 @@ back to back. Variants (``VARIANTS``): the products on cuBLAS or on ``triton_lin
 stock layer forward or the fused decode layer (``decode_layer``, the serving path's default), the
 latter also with the further fusions it leaves off (``decode_layer.FUSE``); Inductor's programmatic dependent launch for its own kernels (``torch._inductor.config.triton.
 enable_pdl``) and the product kernel's (``triton_linear.PDL``). Each variant runs once per point, so
-differences of 1-2% are within the spread between runs (docs/BENCHMARK.md).
+differences of 1-2% are within the spread between runs (docs/BENCHMARK.md). ``--attention KEY=V ...``
+adds the fused layer with those ``triton_decode.CONFIG`` settings (the attention kernels' launch shape,
+e.g. ``decode_sweep --pick``'s) as one more variant.
 
 Each cell also gives the step's share of ``bench``'s byte-model limit (bytes a step reads over the
 copy bandwidth measured at the start of the run) and the relative L2 error of the compiled step's logits against the same step run
@@ -26,7 +28,7 @@ import time
 
 import torch
 
-from ..modeling import decode_layer, triton_linear
+from ..modeling import decode_layer, triton_decode, triton_linear
 from ..modeling.fused import fuse_projections
 from . import bench
 
@@ -53,16 +55,38 @@ def _point(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT, e.g. 8x16384") from None
 
 
+def attention_settings(items: list[str]) -> dict:
+    """``--attention KEY=N ...`` as ``triton_decode.CONFIG`` updates; ValueError naming a bad item."""
+    settings = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in triton_decode.CONFIG or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--attention {item!r}: write KEY=N (N >= 1) with KEY one of "
+                             f"{', '.join(triton_decode.CONFIG)}")
+        settings[key] = int(value)
+    return settings
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", type=_point, nargs="+", default=[(1, 4096), (8, 16384)], help="BATCHxCONTEXT")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME",
                    help=f"some of: {'; '.join(VARIANTS)}")
+    p.add_argument("--attention", nargs="+", default=[], metavar="KEY=V",
+                   help=f"one more variant: the fused layer with these of triton_decode.CONFIG {triton_decode.CONFIG}")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         print(f"error: --variants {unknown}: not among {list(VARIANTS)}", file=sys.stderr)
         return 2
+    try:
+        attention = attention_settings(args.attention)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    variants = [(name, VARIANTS[name], {}) for name in args.variants]
+    if attention:
+        variants.append((f"fused layer, attention {' '.join(args.attention)}", VARIANTS["fused layer"], attention))
     if not torch.cuda.is_available():
         print("error: the A/B needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -78,6 +102,7 @@ def main(argv=None) -> int:
     saved = (triton_linear._mode, dict(triton_linear.PDL), getattr(inductor_config.triton, "enable_pdl", False),
              decode_layer._mode)
     fuse = dict(decode_layer.FUSE)
+    launch = dict(triton_decode.CONFIG)
     try:
         triton_linear._mode = "torch"
         reference = {}
@@ -92,8 +117,8 @@ def main(argv=None) -> int:
               "a cell: ms per step (share of the byte-model limit, bench's; logits error)\n\n| variant | "
               + " | ".join(f"batch {b}, context {n} (limit {limit[b, n]:.2f} ms)" for b, n in args.points)
               + " |\n|---|" + "---|" * len(args.points), flush=True)
-        for name in args.variants:
-            on_kernel, inductor_pdl, release, layer = VARIANTS[name]
+        for name, (on_kernel, inductor_pdl, release, layer), shape in variants:
+            triton_decode.CONFIG.update(launch, **shape)
             triton_linear._mode = "auto" if on_kernel else "torch"
             decode_layer._mode = "auto" if layer else "torch"
             decode_layer.FUSE.update(fuse, **(layer if isinstance(layer, dict) else {}))
@@ -116,6 +141,7 @@ def main(argv=None) -> int:
     finally:
         triton_linear._mode, pdl, enable, decode_layer._mode = saved
         decode_layer.FUSE.update(fuse)
+        triton_decode.CONFIG.update(launch)
         triton_linear.PDL.update(pdl)
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = enable
