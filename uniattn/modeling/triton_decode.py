@@ -59,12 +59,17 @@ CONFIG = {"programs_per_sm": 2, "block_n": 128, "warps": 4, "stages": 2, "min_ti
 SETTINGS = tuple(CONFIG)
 
 
-@torch.compiler.assume_constant_result  # settings() runs where dynamo traces: this runs eagerly there
-def _shared_memory(device: torch.device) -> int:
-    """Bytes of shared memory one program may take on ``device`` (as much as it wants off CUDA)."""
+@functools.lru_cache(maxsize=None)  # asked on every decode_attend / decode_apply call
+def _device_shared_memory(device: torch.device) -> int:
     if device.type != "cuda":
         return 1 << 30
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
+
+
+@torch.compiler.assume_constant_result  # settings() runs where dynamo traces: this runs eagerly there
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may take on ``device`` (as much as it wants off CUDA)."""
+    return _device_shared_memory(device)
 
 
 def settings(device: Optional[torch.device] = None) -> list[int]:
@@ -75,6 +80,11 @@ def settings(device: Optional[torch.device] = None) -> list[int]:
         while config["block_n"] > 32 and config["stages"] * config["block_n"] * 512 + (16 << 10) > _shared_memory(device):
             config["block_n"] //= 2
     return [config[key] for key in SETTINGS]
+
+
+def _named(launch: list[int]) -> dict:
+    """``settings()``'s list as ``CONFIG``'s keys."""
+    return dict(zip(SETTINGS, launch))
 
 
 def available(query: torch.Tensor) -> bool:
@@ -105,7 +115,7 @@ class DecodeRows(NamedTuple):
 
 def block_size(head_dim: int, launch: Optional[list[int]] = None) -> int:
     """Positions per tile (``launch``: ``settings()``, by default the current ones)."""
-    block_n = dict(zip(SETTINGS, launch or settings()))["block_n"]
+    block_n = _named(launch or settings())["block_n"]
     return block_n if head_dim <= 128 else block_n // 2
 
 
@@ -115,7 +125,7 @@ def plan(batch: int, kv_heads: int, kv_len: int, head_dim: int, device: torch.de
     ``CONFIG["programs_per_sm"]`` programs run per multiprocessor, each walking at least
     ``CONFIG["min_tiles"]`` tiles (all of them where the context has fewer)."""
     launch = launch or settings(device)
-    config = dict(zip(SETTINGS, launch))
+    config = _named(launch)
     block = block_size(head_dim, launch)
     tiles = triton.cdiv(kv_len, block)
     want = max(1, triton.cdiv(config["programs_per_sm"] * _sm_count(device), batch * kv_heads))
@@ -302,8 +312,9 @@ def _launch(kernel):
 
 def _shape_constants(group: int, head_dim: int, block: int, launch: list[int]) -> dict:
     """Both kernels' compile-time shape and launch arguments (a KV group padded to the matrix units' 16 rows)."""
+    config = _named(launch)
     return dict(G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block,
-                num_warps=launch[SETTINGS.index("warps")], num_stages=launch[SETTINGS.index("stages")])
+                num_warps=config["warps"], num_stages=config["stages"])
 
 
 def _attend_launch(query, key, value, mask, scale, softcap, write_rows, tickets, launch):
