@@ -133,3 +133,24 @@ def test_llama_style_layers_get_the_fused_decode_layer_and_gemma2_keeps_its_own(
         unfuse_projections(uni)
         assert [type(layer) for layer in uni.model.layers] == classes
         assert not any("ticket" in name for name, _ in uni.named_buffers())
+
+
+def test_each_fused_layer_knows_the_weight_read_after_it():
+    # The down product's prefetch target (triton_linear.L2_AHEAD): the next layer's attention input
+    # weight, the output head's after the last layer. A plain reference, not a submodule.
+    from uniattn.modeling.decode_layer import _next_weight
+    _, uni = make_pair("llama", attn="sdpa", seed=21)
+    modules, keys = len(list(uni.modules())), set(uni.state_dict())
+    fuse_projections(uni)
+    layers = uni.model.layers
+    for layer, after in zip(layers, layers[1:]):
+        attn = after.self_attn
+        expected = attn.fused_v_wc_weight if isinstance(attn, FollowerAttention) else attn.fused_qkv_weight
+        assert layer.uniattn_after is after and _next_weight(layer) is expected
+    assert any(isinstance(layer.self_attn, FollowerAttention) for layer in layers[1:])
+    assert _next_weight(layers[-1]) is uni.lm_head.weight
+    assert len(list(uni.modules())) == modules and set(uni.state_dict()) == keys
+    uni.to(torch.float64)  # the link follows the live modules, so it survives a cast
+    assert _next_weight(layers[0]).dtype == torch.float64
+    unfuse_projections(uni)
+    assert not any(hasattr(layer, "uniattn_after") for layer in layers)

@@ -15,7 +15,9 @@ cache, computes the stock layer with
 
 On one H200 that step was 1.0% faster than the stock forward at batch 8 / 16k and 0.6% at 1 / 4k,
 in one paired run (``decode_ab``; docs/BENCHMARK.md): not separated from the spread between runs.
-``FUSE`` holds the further fusions that were measured and left off (below).
+``FUSE`` holds the further fusions that were measured and left off (below). Each product and
+attention kernel is handed the weight the step reads after it (``link_layers`` names the next
+layer's), for ``triton_linear.L2_AHEAD``'s prefetch into L2, measured slower and off by default.
 
 It serves where the product kernel does (code that ``torch.compile`` traces, no gradient, at most
 ``triton_linear.MAX_ROWS`` sequences) and every piece can; anything else, a dynamic or sliding-window
@@ -29,6 +31,7 @@ Imports only sibling files, like the rest of this folder (saved checkpoints do n
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -69,6 +72,24 @@ def add_tickets(layer: nn.Module, device: torch.device) -> None:
     for name, size in (("uniattn_ticket", 1), ("uniattn_tickets", triton_linear.MAX_ROWS * kv_heads)):
         layer.register_buffer(name, torch.zeros(size, dtype=torch.int32, device=device), persistent=False)
         torch._dynamo.mark_static_address(getattr(layer, name))  # mutated inside CUDA graphs
+
+
+def link_layers(layers: list[nn.Module], head: Optional[nn.Module] = None) -> None:
+    """Tell each fused layer what the step reads after its down product (the next layer's attention input
+    weight, the output head's after the last), for the prefetch into L2 (``triton_linear.L2_AHEAD``).
+    Kept in ``__dict__``, so it is no submodule: ``modules()``, ``state_dict()`` and ``to()`` do not see it."""
+    for layer, after in zip(layers, list(layers[1:]) + [head]):
+        layer.__dict__["uniattn_after"] = after
+
+
+def _next_weight(layer: nn.Module) -> Optional[torch.Tensor]:
+    after = getattr(layer, "uniattn_after", None)
+    if after is None:
+        return None
+    if isinstance(after, nn.Linear):
+        return after.weight
+    proj = _attention_weight(after.self_attn) if hasattr(after, "self_attn") else None
+    return None if proj is None else proj[0]
 
 
 def _norm(module: nn.Module) -> tuple[torch.Tensor, float]:
@@ -163,32 +184,38 @@ def _step(layer, hidden, mask, cache, position_embeddings, states):
     if follower:
         rows = states[attn.leader_idx].probs
         if isinstance(rows, triton_decode.DecodeRows):
-            heads = triton_decode.decode_apply(rows, values, tickets=tickets)
+            heads = triton_decode.decode_apply(rows, values, tickets=tickets, next_weight=attn.o_proj.weight)
         else:
             heads = grouped_apply(rows, values)
         extra = out if n_out else None
     else:
         query = out.view(b, -1, 1, d)
         heads, rows = triton_decode.decode_attend(query, keys, values, mask, attn.scaling, None,
-                                                  write_rows=attn.hands_on_rows, tickets=tickets)
+                                                  write_rows=attn.hands_on_rows, tickets=tickets,
+                                                  next_weight=attn.o_proj.weight)
         if attn.is_leader:
             states[attn.layer_idx] = LeaderState(query=query, key=keys, value=values, attention_mask=mask,
                                                  scaling=attn.scaling, dropout=0.0, probs=rows,
                                                  **attn._kernel_kwargs())
         extra = None
     heads = heads.reshape(b, -1)
+    gate_up_w = mlp.fused_gate_up_weight
     if FUSE["residual"]:
-        h = triton_linear.fused_linear(heads, attn.o_proj.weight, attn.o_proj.bias, residual=x, extra=extra)
+        h = triton_linear.fused_linear(heads, attn.o_proj.weight, attn.o_proj.bias, residual=x, extra=extra,
+                                       next_weight=gate_up_w)
     else:  # the stock order: x + (o_proj(P V) + W_c u)
-        o = triton_linear.fused_linear(heads, attn.o_proj.weight, attn.o_proj.bias)
+        o = triton_linear.fused_linear(heads, attn.o_proj.weight, attn.o_proj.bias, next_weight=gate_up_w)
         h = x + (o if extra is None else o + extra)
     u, norm = (h, _norm(layer.post_attention_layernorm)) if FUSE["norm"] else (layer.post_attention_layernorm(h), None)
+    down_w, after = mlp.down_proj.weight, _next_weight(layer)
     if FUSE["gated"]:
-        act = triton_linear.fused_linear(u, mlp.fused_gate_up_weight, mlp.fused_gate_up_bias, norm=norm, gated=True)
+        act = triton_linear.fused_linear(u, gate_up_w, mlp.fused_gate_up_bias, norm=norm, gated=True,
+                                         next_weight=down_w)
     else:
-        gate_up = triton_linear.fused_linear(u, mlp.fused_gate_up_weight, mlp.fused_gate_up_bias, norm=norm)
+        gate_up = triton_linear.fused_linear(u, gate_up_w, mlp.fused_gate_up_bias, norm=norm, next_weight=down_w)
         gate, up = gate_up.chunk(2, -1)
         act = mlp.act_fn(gate) * up
     if FUSE["residual"]:
-        return triton_linear.fused_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h).view(b, 1, -1)
-    return (triton_linear.fused_linear(act, mlp.down_proj.weight, mlp.down_proj.bias) + h).view(b, 1, -1)
+        return triton_linear.fused_linear(act, down_w, mlp.down_proj.bias, residual=h,
+                                          next_weight=after).view(b, 1, -1)
+    return (triton_linear.fused_linear(act, down_w, mlp.down_proj.bias, next_weight=after) + h).view(b, 1, -1)

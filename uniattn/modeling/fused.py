@@ -43,7 +43,7 @@ from torch import nn
 
 from .triton_linear import linear as decode_linear
 from .attention import FollowerAttention, SoftmaxAttentionMixin, fused_outputs
-from .decode_layer import FusedDecoderLayer, add_tickets, fits
+from .decode_layer import FusedDecoderLayer, add_tickets, fits, link_layers
 
 # W_c before V: the fused decode step (decode_layer.py) writes the heads after the first ones into the cache.
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "v_wc": ("compensation", "v_proj"),
@@ -107,10 +107,13 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse, in place, the projections that share an input (see the module docstring); returns how
     many groups were fused. Idempotent."""
     count = 0
+    layers = []
     for module in list(model.modules()):
         if fits(module) and not isinstance(module, FusedDecoderLayer):
             _swap_class(module, FusedDecoderLayer)
             add_tickets(module, module.input_layernorm.weight.device)
+        if isinstance(module, FusedDecoderLayer):
+            layers.append(module)
         if isinstance(module, FollowerAttention):
             count += _fuse(module, "v_wc")
         elif _has_linears(module, GROUPS["qkv"] + ("o_proj",)):
@@ -125,6 +128,8 @@ def fuse_projections(model: nn.Module) -> int:
             lin = getattr(module, name, None)
             if type(lin) is nn.Linear:
                 _swap_class(lin, DecodeLinear)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    link_layers(layers, head if isinstance(head, nn.Linear) else None)
     return count
 
 
@@ -153,6 +158,7 @@ def unfuse_projections(model: nn.Module) -> int:
         for name in ("uniattn_ticket", "uniattn_tickets"):
             if name in module._buffers:
                 delattr(module, name)
+        module.__dict__.pop("uniattn_after", None)
         if "_unfused_class" in module.__dict__:
             module.__class__ = module.__dict__.pop("_unfused_class")
     return count

@@ -16,6 +16,10 @@ factors) in one launch, where the same merge in PyTorch ops compiles to two or t
 that merge (a follower's sum) inside the attention kernel instead; on an H200 that serial tail made
 the decode step slower (``decode_layer.FUSE["merge"]``), so nothing takes it by default.
 
+With ``L2_AHEAD["o_mb"]`` > 0 (``triton_linear``) the merge kernel and the follower's kernel also ask L2
+for the first megabytes of the layer's O weight (``next_weight``), read next; measured on an H200 it
+did not make the step faster, so it is off.
+
 Masks are SDPA's boolean masks (``True`` = attend), ``[batch, 1, 1, kv_len]`` or broadcastable,
 so padding, sliding windows and a static cache's unfilled tail are all honoured; ``None`` attends
 to every position, as SDPA does. ``kernels.py`` calls these for decode on CUDA and keeps its
@@ -42,7 +46,9 @@ try:
 except ImportError:  # torch < 2.6: launch the kernels directly (torch.compile then graph-breaks)
     triton_op = wrap_triton = None
 
-from .triton_linear import OPAQUE  # noqa: E402  (`from .x import` form: saved checkpoints ship x.py)
+from .triton_linear import L2_AHEAD, LANES, OPAQUE  # noqa: E402  (`from .x import` form: saved checkpoints ship x.py)
+if triton is not None:
+    from .triton_linear import _LANES, sink, to_l2  # noqa: E402,F401  (used by the kernels)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch shape. programs_per_sm: enough independent loads in flight to keep HBM busy. Tiles of
@@ -254,11 +260,11 @@ if triton is not None:
 
     @triton.jit
     def _decode_apply_kernel(
-        ROWS, FACTOR, V, O, TICKETS, OUT,
+        ROWS, FACTOR, V, O, TICKETS, OUT, NXT,
         sr_b, sr_h, sv_b, sv_h, sv_n,
-        kv_len, kv_heads, per_split, n_tiles_total,
+        kv_len, kv_heads, per_split, n_tiles_total, ahead_chunk,
         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr,
-        BLOCK_S: tl.constexpr,
+        BLOCK_S: tl.constexpr, AHEAD: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -282,6 +288,9 @@ if triton is not None:
             acc += tl.dot((e.to(tl.float32) * f[:, None]).to(v.dtype), v)
         row = (b * kv_heads * G + heads) * n_splits + split
         tl.store(O + row[:, None] * D + d[None, :], acc, mask=in_group[:, None])
+        if AHEAD:  # done with V: the O product's weight, read next (triton_linear.L2_AHEAD)
+            sink(to_l2(NXT, (pid * n_splits + split) * ahead_chunk * _LANES, ahead_chunk, _LANES, True), O,
+                 ahead_chunk, _LANES)
         if MERGE:  # the last split of this KV group sums the group's splits
             if _last_split(TICKETS + pid, n_splits):
                 for gi in tl.static_range(G):
@@ -295,10 +304,26 @@ if triton is not None:
 
     @triton.jit
     def _decode_merge_kernel(
-        PART, ML, TMAX, OUT, FACTOR, n_splits, n_tiles,
-        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_ROWS: tl.constexpr,
+        PART, ML, TMAX, OUT, FACTOR, NXT, n_splits, n_tiles, ahead_chunk,
+        D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_ROWS: tl.constexpr, AHEAD: tl.constexpr,
     ):
+        if AHEAD:  # a short, latency-bound kernel: the O product's weight, read next, comes meanwhile
+            sink(to_l2(NXT, tl.program_id(0) * ahead_chunk * _LANES, ahead_chunk, _LANES, True), OUT, ahead_chunk,
+                 _LANES)
         _merge_row(PART, ML, TMAX, OUT, FACTOR, tl.program_id(0), n_splits, n_tiles, D, BLOCK_S, BLOCK_T, WRITE_ROWS)
+
+
+def ahead_chunk(programs, nxt: Optional[torch.Tensor]) -> int:
+    """Elements per thread of ``programs()`` programs that prefetch ``L2_AHEAD["o_mb"]`` MB of ``nxt`` (the O
+    weight) into L2; 0 where none. Read where torch.compile traces (so it is in the graph's key, as
+    ``settings()``); ``nxt`` 16-bit and contiguous, a weight of its own (the allocator aligns it: dynamo
+    cannot trace ``storage_offset()``)."""
+    if nxt is None or INTERPRET or triton is None or L2_AHEAD.get("o_mb", 0) <= 0 or nxt.device.type != "cuda":
+        return 0
+    if not nxt.is_contiguous() or nxt.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    elements = min(nxt.numel(), int(L2_AHEAD["o_mb"] * 2**20) // 2)
+    return elements // (programs() * LANES) // 8 * 8
 
 
 def _split_block(splits: int) -> int:
@@ -360,7 +385,7 @@ def _attend_merged_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return out, rows, factor
 
 
-def _apply_launch(rows, factor, value, tickets, launch):
+def _apply_launch(rows, factor, value, tickets, launch, nxt=None, chunk=0):
     b, h, kv_len = rows.shape
     kv_heads, d = value.shape[1], value.shape[3]
     g = h // kv_heads
@@ -369,16 +394,18 @@ def _apply_launch(rows, factor, value, tickets, launch):
     merge = tickets is not None
     out = torch.empty(b, h, d if merge else 0, device=value.device, dtype=value.dtype)
     (_decode_apply_kernel if merge else _launch(_decode_apply_kernel))[(b * kv_heads, splits)](
-        rows, factor, value, partial, tickets if merge else partial, out,
+        rows, factor, value, partial, tickets if merge else partial, out, nxt if chunk else partial,
         rows.stride(0), rows.stride(1), value.stride(0), value.stride(1), value.stride(2),
-        kv_len, kv_heads, per_split, factor.shape[-1], MERGE=merge, BLOCK_S=_split_block(splits),
+        kv_len, kv_heads, per_split, factor.shape[-1], chunk, MERGE=merge, BLOCK_S=_split_block(splits),
+        AHEAD=chunk > 0,
         **_shape_constants(g, d, block, launch),
     )
     return out if merge else partial
 
 
-def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor, launch: list[int]) -> torch.Tensor:
-    return _apply_launch(rows, factor, value, None, launch)
+def _apply_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor, launch: list[int],
+                nxt: Optional[torch.Tensor] = None, chunk: int = 0) -> torch.Tensor:
+    return _apply_launch(rows, factor, value, None, launch, nxt, chunk)
 
 
 def _apply_merged_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Tensor,
@@ -386,14 +413,14 @@ def _apply_merged_impl(rows: torch.Tensor, factor: torch.Tensor, value: torch.Te
     return _apply_launch(rows, factor, value, tickets, launch)
 
 
-def _merge_impl(partial: torch.Tensor, ml: torch.Tensor, tmax: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge_impl(partial: torch.Tensor, ml: torch.Tensor, tmax: torch.Tensor, dtype: torch.dtype,
+                nxt: Optional[torch.Tensor] = None, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, splits, d = partial.shape
     out = torch.empty(b, h, d, device=partial.device, dtype=dtype)
     factor = torch.empty_like(tmax)
     _launch(_decode_merge_kernel)[(b * h,)](
-        partial, ml, tmax, out, factor, splits, tmax.shape[-1],
-        D=d, BLOCK_S=_split_block(splits), BLOCK_T=256, WRITE_ROWS=tmax.shape[-1] > 0,
+        partial, ml, tmax, out, factor, nxt if chunk else partial, splits, tmax.shape[-1], chunk,
+        D=d, BLOCK_S=_split_block(splits), BLOCK_T=256, WRITE_ROWS=tmax.shape[-1] > 0, AHEAD=chunk > 0,
         num_warps=4,
     )
     return out, factor
@@ -441,13 +468,14 @@ def usable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask) ->
 
 
 def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float], write_rows: bool,
-                  tickets: Optional[torch.Tensor] = None):
+                  tickets: Optional[torch.Tensor] = None, next_weight: Optional[torch.Tensor] = None):
     """Attention of one query per sequence; ``query`` ``[batch, heads, 1, head_dim]``, ``key``/``value``
     ``[batch, kv_heads, kv_len, head_dim]`` (heads of one KV group adjacent, as in transformers).
 
     Returns ``(output [batch, 1, heads, head_dim], rows)``; ``rows`` is a ``DecodeRows`` when
     ``write_rows`` (what ``decode_apply`` takes), else ``None``. With ``tickets`` (``batch * kv_heads``
     int32 zeros, left at zero) the last split of each KV group merges the splits in the same kernel.
+    ``next_weight`` (the O weight) has its first ``L2_AHEAD["o_mb"]`` MB fetched into L2 by the merge.
     """
     launch = settings(query.device)
     if tickets is not None:
@@ -456,20 +484,27 @@ def decode_attend(query, key, value, mask, scale: float, softcap: Optional[float
     else:
         partial, ml, rows, tmax = _attend_op(query, key, value, mask, float(scale), float(softcap or 0.0),
                                              bool(write_rows), launch)
-        out, factor = _merge_op(partial, ml, tmax, query.dtype)
+        b, h = query.shape[:2]
+        out, factor = _merge_op(partial, ml, tmax, query.dtype, next_weight, ahead_chunk(lambda: b * h, next_weight))
     out = out[:, None]
     if not write_rows:
         return out, None
     return out, DecodeRows(rows, factor, block_size(key.shape[3], launch))
 
 
-def decode_apply(rows: DecodeRows, value: torch.Tensor, tickets: Optional[torch.Tensor] = None) -> torch.Tensor:
+def decode_apply(rows: DecodeRows, value: torch.Tensor, tickets: Optional[torch.Tensor] = None,
+                 next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A follower's ``P @ V`` from a leader's ``decode_attend`` rows; returns ``[batch, 1, heads, head_dim]``.
-    With ``tickets`` (as for ``decode_attend``) the splits are summed in the same kernel."""
+    With ``tickets`` (as for ``decode_attend``) the splits are summed in the same kernel. ``next_weight``
+    (the O weight) has its first ``L2_AHEAD["o_mb"]`` MB fetched into L2 as each program ends."""
     if value.shape[2] != rows.rows.shape[-1]:
         raise ValueError(f"the follower's V cache holds {value.shape[2]} positions but its leader's rows "
                          f"{rows.rows.shape[-1]}: the cache layers of a SuperBlock are out of step")
     if tickets is not None:
         return _apply_merged_op(rows.rows, rows.factor, value, tickets, settings(value.device))[:, None]
-    partial = _apply_op(rows.rows, rows.factor, value, settings(value.device))
+    launch = settings(value.device)
+    b, kv_heads, kv_len = rows.rows.shape[0], value.shape[1], rows.rows.shape[-1]
+    chunk = ahead_chunk(lambda: b * kv_heads * plan(b, kv_heads, kv_len, value.shape[3], value.device, launch)[2],
+                        next_weight)
+    partial = _apply_op(rows.rows, rows.factor, value, launch, next_weight, chunk)
     return partial.sum(2).to(value.dtype)[:, None]

@@ -29,9 +29,17 @@ while the kernel before it finishes, reads its first weight tile, and waits for 
 writes only before it reads ``x``. Measured, it did not pay (``launch_chain``; docs/BENCHMARK.md),
 so it is off; it stays for that measurement.
 
+``next_weight`` names the weight the step reads after this product; with ``L2_AHEAD["mb"]`` > 0 the
+last wave of programs, done with its own weight, asks L2 for that many MB of it (``to_l2``: one
+Hopper bulk prefetch per thread, not waited for), so that the next product could start on L2 hits
+while the bandwidth would idle between kernels. Measured, it made a 32-layer chain of the products
+slower at every size, 4 to 32 MB (``launch_chain``; docs/BENCHMARK.md), so it is off; it stays for
+that measurement, as PDL does.
+
 Shipped inside saved checkpoints: only relative imports of sibling files; Triton is optional.
 """
 
+import functools
 import os
 from typing import Optional
 
@@ -47,6 +55,12 @@ except ImportError:  # CPU-only installs: linear() is F.linear
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 16
 PDL = {"on": False, "early": True, "trigger": "wait"}
+# MB of the next weight that a kernel's last programs ask L2 to fetch (0: off): "mb" the products'
+# (``next_weight``), "o_mb" the attention's, of the O weight (``triton_decode``)
+L2_AHEAD = {"mb": 0.0, "o_mb": 0.0}
+LANES = 128  # threads of a program (4 warps): one bulk prefetch each
+if triton is not None:
+    _LANES = tl.constexpr(LANES)
 NORM_PREFETCH = {"on": True}  # with an RMSNorm applied to x: load x's tiles one ahead (module docstring)
 _mode = os.environ.get("UNIATTN_DECODE_LINEAR", "auto")
 if _mode not in ("auto", "torch"):
@@ -72,10 +86,29 @@ if triton is not None:
         return (xf * g.to(tl.float32)[None, :]).to(x.dtype), tl.sum(xf * xf, 1)
 
     @triton.jit
-    def _linear_kernel(X, W, B, Y, NW, R, E, M, K, sx, sw, sy, sr, se, up_rows, eps,
+    def to_l2(P, start, chunk, LANES: tl.constexpr, PURE: tl.constexpr = False):
+        """Ask L2 for ``LANES`` runs of ``chunk`` elements of ``P`` from element ``start``, one bulk prefetch
+        (Hopper's ``cp.async.bulk.prefetch.L2``) per thread; nothing waits for them. Returns the asm's dummy
+        result. ``PURE`` marks the asm free of effects, as Inductor's mutation analysis of a ``triton_op``'s
+        kernels needs (it takes an impure one to write every argument); the caller must then use the
+        result (``sink``), or the compiler drops the prefetch."""
+        lane = tl.arange(0, LANES)
+        addr = (P + start + lane * chunk).to(tl.int64)
+        size = (lane * 0 + chunk * 2).to(tl.int32)  # 16-bit weights (ahead_plan)
+        return tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                         [addr, size], dtype=tl.int32, is_pure=PURE, pack=1)
+
+    @triton.jit
+    def sink(dummy, OUT, chunk, LANES: tl.constexpr):
+        """A store of ``to_l2``'s result that never happens (``chunk`` > 0) but that the compiler cannot drop."""
+        lane = tl.arange(0, LANES)
+        tl.store(OUT + lane, dummy.to(OUT.dtype.element_ty), mask=(lane * 0 + chunk) < 0)
+
+    @triton.jit
+    def _linear_kernel(X, W, B, Y, NW, R, E, NXT, M, K, sx, sw, sy, sr, se, up_rows, eps, ahead_from, ahead_chunk,
                        HAS_BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                        EXTRA: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                       LATE_TRIGGER: tl.constexpr,
+                       LATE_TRIGGER: tl.constexpr, AHEAD: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
@@ -120,6 +153,10 @@ if triton is not None:
             ss += sq
         if PDL and LATE_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
+        if AHEAD:  # the last wave, done with its weight: the next product's first bytes, while this one drains
+            pid = tl.program_id(0)
+            if pid >= ahead_from:
+                to_l2(NXT, (pid - ahead_from) * ahead_chunk * _LANES, ahead_chunk, _LANES)
         if NORM:
             r = tl.rsqrt(ss / K + eps)[:, None]
             acc = acc * r
@@ -168,23 +205,46 @@ def usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and config(*weight.shape) is not None)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def ahead_plan(programs: int, nxt: Optional[torch.Tensor], device: torch.device) -> tuple[int, int]:
+    """``(first program, elements per lane)`` of the prefetch of ``nxt`` into L2 (``L2_AHEAD``) by the last
+    ``programs`` ending a kernel, one SM's worth each; ``(programs, 0)`` where there is none: off, under
+    the interpreter, or a weight too small, not contiguous or not 16-byte aligned."""
+    if nxt is None or INTERPRET or L2_AHEAD["mb"] <= 0 or device.type != "cuda" or not nxt.is_contiguous():
+        return programs, 0
+    if nxt.data_ptr() % 16 or nxt.element_size() != 2:
+        return programs, 0
+    lanes = min(programs, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+    lanes *= LANES
+    elements = min(nxt.numel(), int(L2_AHEAD["mb"] * 2**20) // 2)
+    chunk = elements // lanes // 8 * 8  # 16-byte runs
+    return (programs - lanes // LANES, chunk) if chunk else (programs, 0)
+
+
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0, residual: Optional[torch.Tensor] = None,
-                 extra: Optional[torch.Tensor] = None, gated: bool = False) -> torch.Tensor:
+                 extra: Optional[torch.Tensor] = None, gated: bool = False,
+                 next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, stages = config(n, k)
     if gated:  # two half-width tiles per program: the launch and the bytes per program stay as tuned
         block_n //= 2
     out = n // 2 if gated else n
     y = torch.empty(x.shape[0], out, device=x.device, dtype=x.dtype)
+    ahead_from, ahead_chunk = ahead_plan(out // block_n, next_weight, x.device)
     pdl = PDL["on"] and not INTERPRET
     launch = {"launch_pdl": True} if pdl else {}
     _linear_kernel[(out // block_n,)](
         x, weight, bias if bias is not None else weight, y,
         norm_weight if norm_weight is not None else weight, residual if residual is not None else y,
-        extra if extra is not None else y, x.shape[0], k, x.stride(0), weight.stride(0), y.stride(0),
-        residual.stride(0) if residual is not None else 0, extra.stride(0) if extra is not None else 0,
-        out if gated else 0, float(eps), HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=gated,
+        extra if extra is not None else y, next_weight if ahead_chunk else weight, x.shape[0], k, x.stride(0),
+        weight.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
+        extra.stride(0) if extra is not None else 0, out if gated else 0, float(eps), ahead_from, ahead_chunk,
+        AHEAD=ahead_chunk > 0, HAS_BIAS=bias is not None, NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None, EXTRA=extra is not None, PREFETCH=NORM_PREFETCH["on"], PDL=pdl,
         EARLY=PDL["early"] and pdl,
         LATE_TRIGGER=PDL["trigger"] == "loop", BLOCK_M=MAX_ROWS,
@@ -203,7 +263,7 @@ if OPAQUE:
     _linear_op = torch.library.custom_op("uniattn::decode_linear", mutates_args=())(_linear_impl)
 
     @_linear_op.register_fake
-    def _(x, weight, bias, norm_weight=None, eps=0.0, residual=None, extra=None, gated=False):
+    def _(x, weight, bias, norm_weight=None, eps=0.0, residual=None, extra=None, gated=False, next_weight=None):
         return x.new_empty(x.shape[0], weight.shape[0] // 2 if gated else weight.shape[0])
 else:
     _linear_op = _linear_impl
@@ -218,13 +278,16 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                  norm: Optional[tuple[torch.Tensor, float]] = None, gated: bool = False,
-                 residual: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 residual: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None,
+                 next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode-size product with what surrounds it in a decoder layer, for 2-D ``x`` ``[rows, K]``:
     ``residual + extra + act(rmsnorm(x) @ W.T + b)``, where ``norm=(weight, eps)`` applies an RMSNorm
     (LLaMA's: ``x / rms(x) * weight``) to ``x`` first and ``gated`` reads ``W`` as gate rows over up
-    rows and returns ``SiLU(gate) * up``. The caller checks ``fusable`` first."""
+    rows and returns ``SiLU(gate) * up``. ``next_weight``, the weight the step reads next, has its first
+    ``L2_AHEAD`` MB fetched into L2 as this product ends (a hint: results do not depend on it). The
+    caller checks ``fusable`` first."""
     nw, eps = norm if norm is not None else (None, 0.0)
-    return _linear_op(x, weight, bias, nw, eps, residual, extra, gated)
+    return _linear_op(x, weight, bias, nw, eps, residual, extra, gated, next_weight)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

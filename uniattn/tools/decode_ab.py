@@ -11,7 +11,9 @@ latter also with the further fusions it leaves off (``decode_layer.FUSE``); Indu
 enable_pdl``) and the product kernel's (``triton_linear.PDL``). Each variant runs once per point, so
 differences of 1-2% are within the spread between runs (docs/BENCHMARK.md). ``--attention KEY=V ...``
 adds the fused layer with those ``triton_decode.CONFIG`` settings (the attention kernels' launch shape,
-e.g. ``decode_sweep --pick``'s) as one more variant.
+e.g. ``decode_sweep --pick``'s) as one more variant; ``--ahead MB[:OMB] ...`` one more per item, the
+fused layer with each product asking L2 for MB of the next weight as it ends, and each attention for OMB
+of the O weight (``triton_linear.L2_AHEAD``; 0 off).
 
 Each cell also gives the step's share of ``bench``'s byte-model limit (bytes a step reads over the
 copy bandwidth measured at the start of the run) and the relative L2 error of the compiled step's logits against the same step run
@@ -55,6 +57,17 @@ def _point(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: a point is BATCHxCONTEXT, e.g. 8x16384") from None
 
 
+def _ahead(text: str) -> tuple[float, float]:
+    """``MB[:OMB]`` as ``(products' MB, attention's MB)``."""
+    try:
+        sizes = [float(t) for t in text.split(":")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: write MB or MB:OMB, sizes >= 0 (e.g. 0:8)")
+    return sizes[0], sizes[-1]
+
+
 def attention_settings(items: list[str]) -> dict:
     """``--attention KEY=N ...`` as ``triton_decode.CONFIG`` updates; ValueError naming a bad item."""
     settings = {}
@@ -74,6 +87,9 @@ def main(argv=None) -> int:
                    help=f"some of: {'; '.join(VARIANTS)}")
     p.add_argument("--attention", nargs="+", default=[], metavar="KEY=V",
                    help=f"one more variant: the fused layer with these of triton_decode.CONFIG {triton_decode.CONFIG}")
+    p.add_argument("--ahead", nargs="+", type=_ahead, default=[], metavar="MB[:OMB]",
+                   help=f"more variants: the fused layer with triton_linear.L2_AHEAD's products' size MB and "
+                        f"the attention's OMB (MB where not given; default {triton_linear.L2_AHEAD}; 0 off)")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -84,9 +100,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    variants = [(name, VARIANTS[name], {}) for name in args.variants]
+    ahead_mb = dict(triton_linear.L2_AHEAD)
+    variants = [(name, VARIANTS[name], {}, ahead_mb) for name in args.variants]
     if attention:
-        variants.append((f"fused layer, attention {' '.join(args.attention)}", VARIANTS["fused layer"], attention))
+        variants.append((f"fused layer, attention {' '.join(args.attention)}", VARIANTS["fused layer"], attention,
+                         ahead_mb))
+    variants += [(f"fused layer, next weight to L2: {mb:g} MB after products, {o_mb:g} after attention",
+                  VARIANTS["fused layer"], {}, {"mb": mb, "o_mb": o_mb}) for mb, o_mb in args.ahead]
     if not torch.cuda.is_available():
         print("error: the A/B needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -117,8 +137,9 @@ def main(argv=None) -> int:
               "a cell: ms per step (share of the byte-model limit, bench's; logits error)\n\n| variant | "
               + " | ".join(f"batch {b}, context {n} (limit {limit[b, n]:.2f} ms)" for b, n in args.points)
               + " |\n|---|" + "---|" * len(args.points), flush=True)
-        for name, (on_kernel, inductor_pdl, release, layer), shape in variants:
+        for name, (on_kernel, inductor_pdl, release, layer), shape, mb in variants:
             triton_decode.CONFIG.update(launch, **shape)
+            triton_linear.L2_AHEAD.update(mb)
             triton_linear._mode = "auto" if on_kernel else "torch"
             decode_layer._mode = "auto" if layer else "torch"
             decode_layer.FUSE.update(fuse, **(layer if isinstance(layer, dict) else {}))
@@ -143,6 +164,7 @@ def main(argv=None) -> int:
         decode_layer.FUSE.update(fuse)
         triton_decode.CONFIG.update(launch)
         triton_linear.PDL.update(pdl)
+        triton_linear.L2_AHEAD.update(ahead_mb)
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = enable
     return 0

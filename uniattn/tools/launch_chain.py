@@ -12,6 +12,8 @@ so that none is read from L2) as one CUDA graph, and prints TB/s of weight read 
 * the kernel launched with PDL, so that it can start while the one before finishes: waiting for it
   before reading ``x`` and releasing the next kernel right after that wait, or only after its own
   loop over the weight; each with its first weight tile read before the wait;
+* the kernel asking L2 for the first MB of the next product's weight as its last programs finish
+  (``triton_linear.L2_AHEAD``, ``next_weight``), at a few sizes;
 * each of those with a small elementwise kernel between the products (same launch mode), as the
   norms and activations sit between them in the model.
 
@@ -49,6 +51,7 @@ VARIANTS = {
     "kernel, PDL, release after the wait": {"on": True, "early": True, "trigger": "wait"},
     "kernel, PDL, release after the loop": {"on": True, "early": True, "trigger": "loop"},
 }
+AHEAD_MB = (4, 8, 16, 32)  # sizes of the prefetch of the next weight into L2
 
 if triton is not None:
 
@@ -61,19 +64,22 @@ if triton is not None:
         tl.store(Y + i, (tl.load(X + i, mask=i < n).to(tl.float32) * 0.999).to(Y.dtype.element_ty), mask=i < n)
 
 
-def _chain(weights, x0, pdl, between):
-    """One pass of the chain; ``pdl`` None runs cuBLAS."""
+def _chain(weights, x0, pdl, between, ahead=False):
+    """One pass of the chain; ``pdl`` None runs cuBLAS; ``ahead`` passes each product the next one's weight."""
+    flat = [w for layer in weights for w in layer]
+    nxt = dict(zip(map(id, flat), flat[1:] + [None])) if ahead else {}
+
     def fn():
         x = x0
         on = bool(pdl and pdl["on"])
-        for layer in weights:
-            for w in layer:
-                xi = x[:, :w.shape[1]]
-                x = torch.mm(xi, w.t()) if pdl is None else triton_linear._linear_impl(xi, w, None)
-                if between:
-                    y = torch.empty_like(x)
-                    _scale_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), PDL=on, BLOCK=1024, launch_pdl=on)
-                    x = y
+        for w in flat:
+            xi = x[:, :w.shape[1]]
+            x = (torch.mm(xi, w.t()) if pdl is None
+                 else triton_linear._linear_impl(xi, w, None, next_weight=nxt.get(id(w))))
+            if between:
+                y = torch.empty_like(x)
+                _scale_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), PDL=on, BLOCK=1024, launch_pdl=on)
+                x = y
         return x
     return fn
 
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
     weights = [[torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _, n, k in SHAPES]
                for _ in range(LAYERS)]
     nbytes = sum(w.numel() * 2 for layer in weights for w in layer)
-    saved = dict(triton_linear.PDL)
+    saved, saved_ahead = dict(triton_linear.PDL), dict(triton_linear.L2_AHEAD)
     try:
         for m in args.tokens:
             x0 = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
@@ -111,6 +117,7 @@ def main(argv=None) -> int:
                       "| product | N x K | cuBLAS TB/s | kernel TB/s | kernel tiles (block_n, block_k, stages) |",
                       "|---|---|---|---|---|"]
             triton_linear.PDL.update(VARIANTS["kernel"])
+            triton_linear.L2_AHEAD["mb"] = 0
             for i, (name, n, k) in enumerate(SHAPES):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 ref = torch.mm(x.float(), weights[0][i].float().t())
@@ -135,21 +142,26 @@ def main(argv=None) -> int:
                       "| launch | products only: ms, TB/s, µs/layer | with an elementwise kernel between: ms, TB/s, µs/layer |",
                       "|---|---|---|"]
             outs = {}
-            for name, pdl in VARIANTS.items():
+            runs = [(name, pdl, 0) for name, pdl in VARIANTS.items()]
+            runs += [(f"kernel, next weight's first {mb} MB to L2", VARIANTS["kernel"], mb) for mb in AHEAD_MB]
+            for name, pdl, mb in runs:
                 if pdl is not None:
                     triton_linear.PDL.update(pdl)
+                triton_linear.L2_AHEAD["mb"] = mb
                 cells = []
                 for between in (False, True):
-                    fn = _chain(weights, x0, pdl, between)
+                    fn = _chain(weights, x0, pdl, between, ahead=mb > 0)
                     outs[(name, between)] = fn().clone()
                     ms = graph_ms(fn, 1)
                     cells.append(f"{ms:.3f}, {nbytes / ms / 1e9:.2f}, {ms * 1e3 / LAYERS:.1f}")
                 lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-            same = all(torch.equal(outs[("kernel", b)], outs[(n, b)]) for n in VARIANTS if n.startswith("kernel")
+            same = all(torch.equal(outs[("kernel", b)], outs[(n, b)]) for n, _, _ in runs if n.startswith("kernel")
                        for b in (False, True))
-            lines += ["", f"Outputs of every PDL launch equal the plain kernel's, bit for bit: {'yes' if same else 'NO'}"]
+            lines += ["", "Outputs of every PDL or prefetching launch equal the plain kernel's, bit for bit: "
+                      + ("yes" if same else "NO")]
     finally:
         triton_linear.PDL.update(saved)
+        triton_linear.L2_AHEAD.update(saved_ahead)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
