@@ -46,7 +46,8 @@ try:
 except ImportError:  # torch < 2.6: launch the kernels directly (torch.compile then graph-breaks)
     triton_op = wrap_triton = None
 
-from .triton_linear import L2_AHEAD, LANES, OPAQUE  # noqa: E402  (`from .x import` form: saved checkpoints ship x.py)
+from .triton_linear import L2_AHEAD, OPAQUE, prefetch_chunk  # noqa: E402  (`from .x import` form: saved checkpoints ship x.py)
+from .triton_linear import sm_count as _sm_count  # noqa: E402
 if triton is not None:
     from .triton_linear import _LANES, sink, to_l2  # noqa: E402,F401  (used by the kernels)
 
@@ -96,13 +97,6 @@ def _named(launch: list[int]) -> dict:
 def available(query: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``query``'s device."""
     return triton is not None and (query.is_cuda or INTERPRET)
-
-
-@functools.lru_cache(maxsize=None)  # torch.compile traces through the cache (and says so): as verified on the GPU
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class DecodeRows(NamedTuple):
@@ -314,16 +308,13 @@ if triton is not None:
 
 
 def ahead_chunk(programs, nxt: Optional[torch.Tensor]) -> int:
-    """Elements per thread of ``programs()`` programs that prefetch ``L2_AHEAD["o_mb"]`` MB of ``nxt`` (the O
-    weight) into L2; 0 where none. Read where torch.compile traces (so it is in the graph's key, as
-    ``settings()``); ``nxt`` 16-bit and contiguous, a weight of its own (the allocator aligns it: dynamo
-    cannot trace ``storage_offset()``)."""
-    if nxt is None or INTERPRET or triton is None or L2_AHEAD.get("o_mb", 0) <= 0 or nxt.device.type != "cuda":
+    """``prefetch_chunk`` of ``L2_AHEAD["o_mb"]`` MB of ``nxt`` (the O weight) over ``programs()`` programs,
+    called only where there is a prefetch to plan. Read where torch.compile traces, so it is in the
+    graph's key (as ``settings()``); ``nxt`` is a weight of its own, which the allocator aligns (dynamo
+    cannot trace ``storage_offset()`` to check)."""
+    if prefetch_chunk(L2_AHEAD["o_mb"], nxt, 1) == 0:
         return 0
-    if not nxt.is_contiguous() or nxt.dtype not in (torch.bfloat16, torch.float16):
-        return 0
-    elements = min(nxt.numel(), int(L2_AHEAD["o_mb"] * 2**20) // 2)
-    return elements // (programs() * LANES) // 8 * 8
+    return prefetch_chunk(L2_AHEAD["o_mb"], nxt, programs())
 
 
 def _split_block(splits: int) -> int:
@@ -500,9 +491,9 @@ def decode_apply(rows: DecodeRows, value: torch.Tensor, tickets: Optional[torch.
     if value.shape[2] != rows.rows.shape[-1]:
         raise ValueError(f"the follower's V cache holds {value.shape[2]} positions but its leader's rows "
                          f"{rows.rows.shape[-1]}: the cache layers of a SuperBlock are out of step")
-    if tickets is not None:
-        return _apply_merged_op(rows.rows, rows.factor, value, tickets, settings(value.device))[:, None]
     launch = settings(value.device)
+    if tickets is not None:
+        return _apply_merged_op(rows.rows, rows.factor, value, tickets, launch)[:, None]
     b, kv_heads, kv_len = rows.rows.shape[0], value.shape[1], rows.rows.shape[-1]
     chunk = ahead_chunk(lambda: b * kv_heads * plan(b, kv_heads, kv_len, value.shape[3], value.device, launch)[2],
                         next_weight)

@@ -205,24 +205,36 @@ def usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and config(*weight.shape) is not None)
 
 
+# Asked on every decode call (the attention's plan, the prefetch). torch.compile traces through the
+# cache (and says so): as verified on the GPU.
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (8 off CUDA, where the interpreter runs the kernels)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def ahead_plan(programs: int, nxt: Optional[torch.Tensor], device: torch.device) -> tuple[int, int]:
-    """``(first program, elements per lane)`` of the prefetch of ``nxt`` into L2 (``L2_AHEAD``) by the last
-    ``programs`` ending a kernel, one SM's worth each; ``(programs, 0)`` where there is none: off, under
-    the interpreter, or a weight too small, not contiguous or not 16-byte aligned."""
-    if nxt is None or INTERPRET or L2_AHEAD["mb"] <= 0 or device.type != "cuda" or not nxt.is_contiguous():
+def prefetch_chunk(mb: float, nxt: Optional[torch.Tensor], programs: int) -> int:
+    """Elements each of ``programs`` programs' ``LANES`` threads asks L2 for, so that together they fetch
+    the first ``mb`` MB of ``nxt`` (16-byte runs); 0 where there is nothing to do: ``mb`` 0, no 16-bit
+    contiguous CUDA weight, under the interpreter, or a weight too small."""
+    if nxt is None or mb <= 0 or INTERPRET or triton is None or nxt.device.type != "cuda":
+        return 0
+    if not nxt.is_contiguous() or nxt.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    return min(nxt.numel(), int(mb * 2**20) // 2) // (programs * LANES) // 8 * 8
+
+
+def ahead_plan(programs: int, nxt: Optional[torch.Tensor]) -> tuple[int, int]:
+    """``(first program, elements per lane)`` of the products' prefetch of ``nxt`` (``L2_AHEAD["mb"]``) by
+    the last of a kernel's ``programs``, one SM's worth; ``(programs, 0)`` where there is none (also a
+    weight not 16-byte aligned)."""
+    if nxt is None or L2_AHEAD["mb"] <= 0 or nxt.data_ptr() % 16:
         return programs, 0
-    if nxt.data_ptr() % 16 or nxt.element_size() != 2:
-        return programs, 0
-    lanes = min(programs, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
-    lanes *= LANES
-    elements = min(nxt.numel(), int(L2_AHEAD["mb"] * 2**20) // 2)
-    chunk = elements // lanes // 8 * 8  # 16-byte runs
-    return (programs - lanes // LANES, chunk) if chunk else (programs, 0)
+    last = min(programs, sm_count(nxt.device))
+    chunk = prefetch_chunk(L2_AHEAD["mb"], nxt, last)
+    return (programs - last, chunk) if chunk else (programs, 0)
 
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -235,7 +247,7 @@ def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         block_n //= 2
     out = n // 2 if gated else n
     y = torch.empty(x.shape[0], out, device=x.device, dtype=x.dtype)
-    ahead_from, ahead_chunk = ahead_plan(out // block_n, next_weight, x.device)
+    ahead_from, ahead_chunk = ahead_plan(out // block_n, next_weight)
     pdl = PDL["on"] and not INTERPRET
     launch = {"launch_pdl": True} if pdl else {}
     _linear_kernel[(out // block_n,)](

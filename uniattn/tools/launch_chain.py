@@ -67,15 +67,14 @@ if triton is not None:
 def _chain(weights, x0, pdl, between, ahead=False):
     """One pass of the chain; ``pdl`` None runs cuBLAS; ``ahead`` passes each product the next one's weight."""
     flat = [w for layer in weights for w in layer]
-    nxt = dict(zip(map(id, flat), flat[1:] + [None])) if ahead else {}
+    pairs = list(zip(flat, (flat[1:] + [None]) if ahead else [None] * len(flat)))
 
     def fn():
         x = x0
         on = bool(pdl and pdl["on"])
-        for w in flat:
+        for w, after in pairs:
             xi = x[:, :w.shape[1]]
-            x = (torch.mm(xi, w.t()) if pdl is None
-                 else triton_linear._linear_impl(xi, w, None, next_weight=nxt.get(id(w))))
+            x = torch.mm(xi, w.t()) if pdl is None else triton_linear._linear_impl(xi, w, None, next_weight=after)
             if between:
                 y = torch.empty_like(x)
                 _scale_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), PDL=on, BLOCK=1024, launch_pdl=on)
