@@ -51,6 +51,13 @@ def test_report_names_where_the_stock_column_ran(tmp_path):
     skipped = bench.not_measured("m 4 16 33", ["decode static batch 1 / 4096", "generate()"])
     md = bench_report.render({"env": env, "rows": [row, skipped]}, tmp_path / "b")
     assert "Not measured (m 4 16 33; past the run's `--minutes` budget): decode static batch 1 / 4096, generate()." in md
+    # a largest-batch bisection cut by --minutes is printed as the lower bound it is
+    batch = {"what": "largest_batch", "model": "m 4 16 33", "context": 16384, "stock": 54, "uniattn": 37,
+             "uniattn_lower_bound": True}
+    md = bench_report.render({"env": env, "rows": [batch]}, tmp_path / "b")
+    assert "| m 4 16 33 at 16384 tokens | 54.0 | - | ≥ 37.0 | - |" in md and "ran out of the run's `--minutes`" in md
+    md = bench_report.render({"env": env, "rows": [{**batch, "uniattn_lower_bound": False}]}, tmp_path / "b")
+    assert "| 54.0 | - | 37.0 | -31.5% |" in md and "≥" not in md
 
 
 def test_new_gpu_tools_check_their_arguments_first():

@@ -112,6 +112,47 @@ def test_tiles_shrink_to_the_devices_shared_memory(monkeypatch):
     assert triton_decode.settings()[keys.index("block_n")] == 128  # no device: CONFIG as it is
 
 
+def test_product_tiles_follow_the_rule_and_the_overrides(monkeypatch):
+    from uniattn.modeling import triton_linear, triton_qkv
+    monkeypatch.setattr(triton_linear, "TILES", {})
+    rule = {("linear", 4096, 4096): (32, 256, 5, 4), ("linear", 28672, 4096): (32, 128, 3, 4),
+            ("linear", 4096, 14336): (32, 256, 5, 4), ("linear", 128256, 4096): (64, 128, 4, 4),
+            ("linear", 6144, 4096): (64, 256, 4, 4), ("project", 6144, 4096): (64, 256, 4, 4),
+            ("project", 5120, 4096): (64, 256, 4, 4), ("linear", 100, 256): None}
+    for (kernel, n, k), tiles in rule.items():
+        assert triton_linear.config(n, k, kernel) == tiles, (kernel, n, k)
+    # a head of 32 halves the projection's 64 columns to fit; 16 fits none
+    assert [triton_qkv._half(5120, 4096, d) for d in (128, 64, 32, 16)] == [32, 32, 16, None]
+    triton_linear.TILES["linear", 4096, 4096] = (16, 512, 8, 8)
+    triton_linear.TILES["linear", 4096, 14336] = (48, 128, 3, 4)  # 48 does not divide 4096: unusable
+    assert triton_linear.config(4096, 4096) == (16, 512, 8, 8) and triton_linear.config(4096, 14336) is None
+    assert triton_linear.config(4096, 4096, "project") == (64, 256, 4, 4)  # the override is the products' only
+    # stages shrink (to 2 at the least) to the device's shared memory: stages - 1 tiles in flight
+    cuda = torch.device("cuda")
+    for smem, stages in ((227 << 10, 5), (100 << 10, 5), (72 << 10, 4), (24 << 10, 2), (1, 2)):
+        monkeypatch.setattr(triton_linear, "shared_memory", lambda device, smem=smem: smem)
+        assert triton_linear.fitted_stages(5, 32, 256, cuda) == stages, smem
+
+
+def test_linear_sweep_checks_its_inputs(tmp_path, capsys):
+    from uniattn.tools import decode_ab, linear_sweep
+    settings = linear_sweep.grid_settings({"block_n": (32, 64), "block_k": (256, 512), "stages": (4, 8),
+                                           "warps": (4,)})
+    assert settings == [(32, 256, 4, 4), (32, 256, 8, 4), (32, 512, 4, 4), (64, 256, 4, 4)]  # 7 tiles of 24 KiB fit, 3 of 80 do not
+    pick = tmp_path / "pick.json"
+    pick.write_text('{"linear 4096x4096": [32, 256, 5, 4], "project 5120x4096": [64, 128, 6, 4]}')
+    assert linear_sweep.load_tiles(str(pick)) == {("linear", 4096, 4096): (32, 256, 5, 4),
+                                                  ("project", 5120, 4096): (64, 128, 6, 4)}
+    for bad in ('{"linear 4096": [32, 256, 5, 4]}', '{"gemm 8x8": [1, 1, 1, 1]}', '{"linear 8x8": [0, 1, 1, 1]}', "["):
+        pick.write_text(bad)
+        with pytest.raises(ValueError, match="not a linear_sweep --pick file"):
+            linear_sweep.load_tiles(str(pick))
+    assert decode_ab.main(["--tiles", str(pick)]) == 2
+    assert linear_sweep.main(["--grid", "stages=0"]) == 2 and linear_sweep.main(["--shapes", "Q"]) == 2
+    err = capsys.readouterr().err
+    assert "--tiles" in err and "stages=0" in err and "'Q'" in err
+
+
 def test_the_launch_shape_is_read_in_a_fullgraph_compile():
     # decode_attend calls settings(device) where dynamo traces a compiled decode step.
     fn = torch.compile(lambda x: x * triton_decode.settings(x.device)[1], fullgraph=True, backend="eager")

@@ -100,6 +100,13 @@ def linear_cases():
             with mock.patch("torch.compiler.is_compiling", return_value=True):
                 got = triton_linear.linear(x[None], w, b)
             assert got.shape == (1, m, n) and rel(got[0], ref) < 2e-3, (m, n, k)
+    # launch settings of triton_linear.TILES (tools.linear_sweep's picks) for the product and the projection
+    x, w = torch.randn(3, 256, generator=g).half(), (torch.randn(512, 256, generator=g) / 16).half()
+    triton_linear.TILES["linear", 512, 256] = (16, 128, 2, 8)
+    try:
+        assert rel(triton_linear._linear_op(x, w, None), x.double() @ w.double().T) < 2e-3, "TILES override"
+    finally:
+        triton_linear.TILES.clear()
     # shapes the tiles do not divide, float32 and more than 16 rows stay on F.linear
     half = torch.randn(4, 256).half()
     assert not triton_linear.usable(half, torch.randn(100, 256).half())
@@ -131,14 +138,17 @@ def fused_cases():
         assert got.shape == (m, n) and rel(got, want) < 2e-3, f"norm + gated, operand ahead {ahead}: {rel(got, want)}"
     triton_linear.NORM_PREFETCH["on"] = True
     # Q/K/V and a follower's W_c/V: RoPE on Q and K, K and V written at the counter, which advances
-    b, heads, kv_heads, d, max_len, hidden = 3, 4, 2, 64, 10, 256
+    b, heads, kv_heads, max_len, hidden = 3, 4, 2, 10, 256
     x, nw = rand(b, hidden), 1 + rand(hidden, scale=0.1)
-    cos, sin = rand(b, d), rand(b, d)
+    tables = {d: (rand(b, d), rand(b, d)) for d in (64, 32)}
 
     def rope(t):
         return rope64(t, cos, sin)
 
-    for n_out, n_k, norm in ((heads, kv_heads, (nw, 1e-6)), (hidden // d, 0, (nw, 1e-6)), (heads, kv_heads, None)):
+    # head 64: programs of 64 columns (two 32-column halves); head 32: config's tile halved to fit it
+    for d, n_out, n_k, norm in ((64, heads, kv_heads, (nw, 1e-6)), (64, hidden // 64, 0, (nw, 1e-6)),
+                                (64, heads, kv_heads, None), (32, heads, kv_heads, None)):
+        cos, sin = tables[d]
         w = rand((n_out + n_k + kv_heads) * d, hidden, scale=hidden ** -0.5)
         bias = rand(w.shape[0])
         keys = torch.zeros(b, kv_heads, max_len, d if n_k else 0).half()
@@ -147,7 +157,7 @@ def fused_cases():
         out = triton_qkv.project(x, w, bias, norm, cos, sin, keys, values, counter, ticket, n_out=n_out,
                                  rope_out=n_k > 0, n_k=n_k, head_dim=d)
         y = ((rmsnorm64(x, *norm) if norm else x.double()) @ w.double().T + bias.double()).view(b, -1, d)
-        case = (n_out, n_k, norm is not None)
+        case = (d, n_out, n_k, norm is not None)
         assert rel(out.view(b, n_out, d), rope(y[:, :n_out]) if n_k else y[:, :n_out]) < 2e-3, f"project out {case}"
         assert rel(values[:, :, 4], y[:, n_out + n_k:]) < 2e-3, f"project V {case}"
         if n_k:

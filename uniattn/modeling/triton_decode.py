@@ -29,7 +29,6 @@ Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (the tests use 
 Shipped inside saved checkpoints: only relative imports of sibling files; Triton is optional.
 """
 
-import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -47,6 +46,7 @@ except ImportError:  # torch < 2.6: launch the kernels directly (torch.compile t
     triton_op = wrap_triton = None
 
 from .triton_linear import L2_AHEAD, OPAQUE, prefetch_chunk  # noqa: E402  (`from .x import` form: saved checkpoints ship x.py)
+from .triton_linear import shared_memory as _device_shared_memory  # noqa: E402
 from .triton_linear import sm_count as _sm_count  # noqa: E402
 if triton is not None:
     from .triton_linear import _LANES, sink, to_l2  # noqa: E402,F401  (used by the kernels)
@@ -64,13 +64,6 @@ CONFIG = {"programs_per_sm": 2, "block_n": 128, "warps": 4, "stages": 2, "min_ti
 # CONFIG was invisible to that key, and a later compile (in another process too) took the
 # cached kernels of the old one: measured on an H200, two launch shapes timed the same.
 SETTINGS = tuple(CONFIG)
-
-
-@functools.lru_cache(maxsize=None)  # asked on every decode_attend / decode_apply call
-def _device_shared_memory(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 30
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
 
 
 @torch.compiler.assume_constant_result  # settings() runs where dynamo traces: this runs eagerly there

@@ -2,11 +2,12 @@
 
 At decode every product reads its weight once, so its speed is the weight's bytes over its time.
 cuBLAS reads the short ones slowly: on an H200 at 8 tokens, LLaMA-3.1-8B's 32 MB O projection at
-2.52 TB/s, where this kernel reads it at 2.91, and a 32-layer chain of a step's products
+2.53 TB/s, where this kernel reads it at 2.93, and a 32-layer chain of a step's products
 (Q+K+V, O, gate+up, down) runs 3% faster (``python -m uniattn.tools.launch_chain``,
 docs/launch_chain_h200.md). Each program owns ``block_n`` output columns for all the token rows
 and walks the whole K dimension (no split-K, so no reduction kernel after it); the 16-row tile is
-what the matrix units take, so 1-16 rows cost the same.
+what the matrix units take, so 1-16 rows cost the same. The launch settings per weight shape are
+``config``'s rule, from ``tools.linear_sweep``; ``TILES`` overrides it.
 
 ``linear(x, weight, bias)`` takes the kernel only in code that ``torch.compile`` traces, and only
 where it serves (``usable``); ``F.linear`` everywhere else. Eager decode is bound by the host, and
@@ -174,18 +175,56 @@ if triton is not None:
         tl.store(Y + m[:, None] * sy + n[None, :], acc.to(Y.dtype.element_ty), mask=rows)
 
 
-def config(n: int, k: int) -> Optional[tuple[int, int, int]]:
-    """``(block_n, block_k, stages)`` for an ``n x k`` weight, or ``None`` where the tiles do not divide it.
+# (kernel, N, K) -> (block_n, block_k, stages, warps) that replace ``config``'s rule for that weight
+# shape: "linear" for this module's products, "project" for ``triton_qkv``'s. Set by sweeps
+# (``tools.linear_sweep`` times candidates; ``decode_ab --tiles`` runs its pick in the step).
+TILES: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
 
-    The best of a sweep on an H200 at LLaMA-3.1-8B's shapes (block_n 16/32/64, block_k 128/256, 3 or 4
-    stages; a development script, not kept; ``launch_chain`` times the result): 256-wide K tiles in
-    4 stages, 128-wide in 3 for the widest products (gate+up); 64 output columns per program where
-    that still makes about one program per SM (Q+K+V), else 32."""
-    block_k = next((b for b in ((128, 256) if n >= 16384 else (256, 128)) if k % b == 0), None)
-    block_n = 64 if n % 64 == 0 and 96 <= n // 64 and n < 16384 else 32
+
+def config(n: int, k: int, kernel: str = "linear") -> Optional[tuple[int, int, int, int]]:
+    """``(block_n, block_k, stages, warps)`` for an ``n x k`` weight, or ``None`` where the tiles do not
+    divide it; ``TILES`` first.
+
+    The rule, from sweeps on an H200 at LLaMA-3.1-8B's shapes (``tools.linear_sweep``,
+    docs/linear_sweep_h200.md): 4 warps; K tiles 256 wide, 128 for the widest products (gate+up, the
+    output head); for the products, 5 stages of 256-wide tiles (O and down read 2-4% faster than in 4:
+    more of the weight in flight per program, one program per SM), 3 of 128-wide, 4 for the output
+    head with 64 output columns per program (4.4 against 4.25 TB/s); 64 columns where that still makes
+    about one program per SM (Q+K+V), else 32. For ``triton_qkv``'s projection 64 columns wherever
+    they divide, in 4 stages: a follower's W_c/V read at 2.9 TB/s against 1.9 with 32 (80 programs
+    rather than 160)."""
+    tiles = TILES.get((kernel, n, k))
+    if tiles is not None:
+        return tiles if n % tiles[0] == 0 and k % tiles[1] == 0 else None
+    wide = n >= 16384
+    block_k = next((b for b in ((128, 256) if wide else (256, 128)) if k % b == 0), None)
+    if kernel == "project":
+        block_n, stages = (64 if n % 64 == 0 else 32), 4
+    elif n >= 65536:  # a vocabulary
+        block_n, stages = 64, 4
+    else:  # 5 stages measured only with 32 columns (O, down); 64 (Q+K+V) keeps the 4 it was measured in
+        block_n = 64 if n % 64 == 0 and 96 <= n // 64 and not wide else 32
+        stages = 3 if block_k == 128 else 4 if block_n == 64 else 5
     if block_k is None or n % block_n:
         return None
-    return block_n, block_k, 3 if block_k == 128 else 4
+    return block_n, block_k, stages, 4
+
+
+@functools.lru_cache(maxsize=None)  # asked on every decode call
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may take on ``device`` (as much as it wants off CUDA)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
+
+
+def fitted_stages(stages: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """``stages`` less those whose tiles would outgrow ``device``'s shared memory: Triton's pipeliner
+    keeps ``stages - 1`` tiles of the weight (``block_n`` rows) and of ``x`` (``MAX_ROWS``) in flight."""
+    tile = (block_n + MAX_ROWS) * block_k * 2
+    while stages > 2 and (stages - 1) * tile > shared_memory(device):
+        stages -= 1
+    return stages
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
@@ -242,7 +281,8 @@ def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  extra: Optional[torch.Tensor] = None, gated: bool = False,
                  next_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     n, k = weight.shape
-    block_n, block_k, stages = config(n, k)
+    block_n, block_k, stages, warps = config(n, k)
+    stages = fitted_stages(stages, block_n, block_k, x.device)
     if gated:  # two half-width tiles per program: the launch and the bytes per program stay as tuned
         block_n //= 2
     out = n // 2 if gated else n
@@ -260,7 +300,7 @@ def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         RESIDUAL=residual is not None, EXTRA=extra is not None, PREFETCH=NORM_PREFETCH["on"], PDL=pdl,
         EARLY=PDL["early"] and pdl,
         LATE_TRIGGER=PDL["trigger"] == "loop", BLOCK_M=MAX_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages, **launch)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **launch)
     return y
 
 

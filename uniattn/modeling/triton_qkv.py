@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .triton_linear import INTERPRET, MAX_ROWS, NORM_PREFETCH, OPAQUE, config, triton
+from .triton_linear import INTERPRET, MAX_ROWS, NORM_PREFETCH, OPAQUE, config, fitted_stages, triton
 
 if triton is not None:
     import triton.language as tl
@@ -102,9 +102,15 @@ if triton is not None:
             tl.store(TICKET, 0)
 
 
-def _half(n: int, k: int) -> Optional[int]:
-    tiles = config(n, k)
-    return None if tiles is None else tiles[0] // 2
+def _half(n: int, k: int, head_dim: int) -> Optional[int]:
+    """Columns of a head's half per program: ``config``'s tile, halved until it divides the head."""
+    tiles = config(n, k, "project")
+    if tiles is None:
+        return None
+    half = tiles[0] // 2
+    while half > 16 and head_dim % (2 * half):
+        half //= 2
+    return half if half >= 16 and head_dim % (2 * half) == 0 else None
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, head_dim: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -112,8 +118,8 @@ def usable(x: torch.Tensor, weight: torch.Tensor, head_dim: int, k_cache: torch.
     whose tiles divide it into head halves, caches in ``x``'s dtype and contiguous in ``head_dim``."""
     if triton is None or not (x.is_cuda or INTERPRET) or x.dtype not in (torch.bfloat16, torch.float16):
         return False
-    half = _half(*weight.shape)
-    if half is None or head_dim % (2 * half) or weight.shape[0] % head_dim or weight.dtype != x.dtype:
+    half = _half(*weight.shape, head_dim)
+    if half is None or weight.shape[0] % head_dim or weight.dtype != x.dtype:
         return False
     caches = [t for t in (k_cache, v_cache) if t.numel()]
     return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
@@ -126,8 +132,9 @@ def _project_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   counter: torch.Tensor, ticket: torch.Tensor, n_out: int, rope_out: bool, n_k: int,
                   head_dim: int) -> torch.Tensor:
     n, k = weight.shape
-    _, block_k, stages = config(n, k)
-    half = _half(n, k)
+    _, block_k, stages, warps = config(n, k, "project")
+    half = _half(n, k, head_dim)
+    stages = fitted_stages(stages, 2 * half, block_k, x.device)
     out = torch.empty(x.shape[0], n_out * head_dim, device=x.device, dtype=x.dtype)
     _project_kernel[(n // (2 * half),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight, cos, sin,
@@ -136,7 +143,7 @@ def _project_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), float(eps), N_OUT=n_out, ROPE_OUT=rope_out, N_K=n_k, D=head_dim, HALF=half,
         NORM=norm_weight is not None, HAS_BIAS=bias is not None, PREFETCH=NORM_PREFETCH["on"], BLOCK_M=MAX_ROWS,
-        BLOCK_K=block_k, num_warps=4, num_stages=stages)
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -515,7 +515,11 @@ def measure(shape, layout, stock, uni, bw, full, compile_, deadline, plain=None)
         rows.append({"what": "generate_tokens_per_s", "model": tag, "batch": 8, "prompt": 1024, "new": 128,
                      **run_variants(stock, uni, gen)})
         print(rows[-1], flush=True)
-        res = {name: largest_batch(m, 16384, deadline) for name, m in (("stock", stock), ("uniattn", uni))}
+        res = {}
+        for name, m in (("stock", stock), ("uniattn", uni)):
+            res[name], settled = largest_batch(m, 16384, deadline)
+            if not settled:  # the bisection ran out of --minutes: a batch that fits, not the largest
+                res[f"{name}_lower_bound"] = True
         rows.append({"what": "largest_batch", "model": tag, "context": 16384, **res})
         print(rows[-1], flush=True)
     return rows
@@ -561,8 +565,9 @@ def extra(out: Path, results: dict, bw: float) -> int:
     return 0
 
 
-def largest_batch(model, context, deadline) -> int:
-    """Largest batch whose static cache plus one decode step fits, by bisection from the byte estimate."""
+def largest_batch(model, context, deadline) -> tuple[int, bool]:
+    """Largest batch whose static cache plus one decode step fits, by bisection from the byte estimate,
+    and whether the bisection settled before ``deadline`` (if not, the batch is only one that fits)."""
     pos = lambda b: torch.full((b, 1), context, device="cuda")
 
     def fits(b):
@@ -583,11 +588,11 @@ def largest_batch(model, context, deadline) -> int:
     estimate = max(1, int(free_bytes / (context * kv_bytes_per_token(model, context))))
     lo, hi = max(1, estimate // 2), estimate + estimate // 4 + 1
     if not fits(lo):
-        return 0
+        return 0, True
     while hi - lo > 1 and time.time() < deadline:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return lo, hi - lo <= 1
 
 
 def write(out: Path, results: dict) -> None:

@@ -89,10 +89,19 @@ def render(results: dict, out: Path) -> str:
                        ("largest_batch", "Largest batch that fits (static cache)")):
         if key in by:
             lines += [f"## {title}", "", "| model / layout | stock | stock + grouped | UniAttn | UniAttn vs stock |", "|---|---|---|---|---|"]
+            bounds = False
             for r in by[key]:
                 extra = f" at {r['context']} tokens" if "context" in r else ""
-                lines.append(f"| {r['model']}{extra} | {_fmt(r['stock'], '.1f')} | {_fmt(r.get('stock_grouped'), '.1f')} "
-                             f"| {_fmt(r['uniattn'], '.1f')} | {r['uniattn'] / max(r['stock'], 1e-9) - 1:+.1%} |")
+                cell = {name: ("≥ " if r.get(f"{name}_lower_bound") else "") + _fmt(r[name], ".1f")
+                        for name in ("stock", "uniattn")}
+                bound = any(r.get(f"{name}_lower_bound") for name in cell)
+                bounds |= bound
+                change = "-" if bound else f"{r['uniattn'] / max(r['stock'], 1e-9) - 1:+.1%}"
+                lines.append(f"| {r['model']}{extra} | {cell['stock']} | {_fmt(r.get('stock_grouped'), '.1f')} "
+                             f"| {cell['uniattn']} | {change} |")
+            if bounds:
+                lines += ["", "≥: the bisection for the largest batch ran out of the run's `--minutes`; that batch "
+                          "fits, a larger one may."]
             lines.append("")
     for r in by.get("not_measured", []):
         lines += [f"Not measured ({r['model']}; past the run's `--minutes` budget): {', '.join(r['items'])}.", ""]

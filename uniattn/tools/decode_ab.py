@@ -13,7 +13,8 @@ differences of 1-2% are within the spread between runs (docs/BENCHMARK.md). ``--
 adds the fused layer with those ``triton_decode.CONFIG`` settings (the attention kernels' launch shape,
 e.g. ``decode_sweep --pick``'s) as one more variant; ``--ahead MB[:OMB] ...`` one more per item, the
 fused layer with each product asking L2 for MB of the next weight as it ends, and each attention for OMB
-of the O weight (``triton_linear.L2_AHEAD``; 0 off).
+of the O weight (``triton_linear.L2_AHEAD``; 0 off); ``--tiles F.json`` one more, the fused layer with
+the product kernels' launch settings of a ``linear_sweep --pick`` file (``triton_linear.TILES``).
 
 Each cell also gives the step's share of ``bench``'s byte-model limit (bytes a step reads over the
 copy bandwidth measured at the start of the run) and the relative L2 error of the compiled step's logits against the same step run
@@ -33,6 +34,7 @@ import torch
 from ..modeling import decode_layer, triton_decode, triton_linear
 from ..modeling.fused import fuse_projections
 from . import bench
+from .linear_sweep import load_tiles
 
 # name: (products on the kernel, Inductor PDL, the kernel's PDL release point or None, fused decode layer:
 # False, True, or True with these of decode_layer.FUSE changed)
@@ -90,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--ahead", nargs="+", type=_ahead, default=[], metavar="MB[:OMB]",
                    help=f"more variants: the fused layer with triton_linear.L2_AHEAD's products' size MB and "
                         f"the attention's OMB (MB where not given; default {triton_linear.L2_AHEAD}; 0 off)")
+    p.add_argument("--tiles", help="one more variant: the fused layer with these product launch settings "
+                                    "(a linear_sweep --pick file)")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
@@ -97,16 +101,20 @@ def main(argv=None) -> int:
         return 2
     try:
         attention = attention_settings(args.attention)
+        tiles = load_tiles(args.tiles) if args.tiles else {}
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ahead_mb = dict(triton_linear.L2_AHEAD)
-    variants = [(name, VARIANTS[name], {}, ahead_mb) for name in args.variants]
+    ahead_mb, own_tiles = dict(triton_linear.L2_AHEAD), dict(triton_linear.TILES)
+    variants = [(name, VARIANTS[name], {}, ahead_mb, own_tiles) for name in args.variants]
     if attention:
         variants.append((f"fused layer, attention {' '.join(args.attention)}", VARIANTS["fused layer"], attention,
-                         ahead_mb))
+                         ahead_mb, own_tiles))
     variants += [(f"fused layer, next weight to L2: {mb:g} MB after products, {o_mb:g} after attention",
-                  VARIANTS["fused layer"], {}, {"mb": mb, "o_mb": o_mb}) for mb, o_mb in args.ahead]
+                  VARIANTS["fused layer"], {}, {"mb": mb, "o_mb": o_mb}, own_tiles) for mb, o_mb in args.ahead]
+    if tiles:
+        variants.append((f"fused layer, product tiles {tiles}", VARIANTS["fused layer"], {}, ahead_mb,
+                         {**own_tiles, **tiles}))
     if not torch.cuda.is_available():
         print("error: the A/B needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -137,7 +145,9 @@ def main(argv=None) -> int:
               "a cell: ms per step (share of the byte-model limit, bench's; logits error)\n\n| variant | "
               + " | ".join(f"batch {b}, context {n} (limit {limit[b, n]:.2f} ms)" for b, n in args.points)
               + " |\n|---|" + "---|" * len(args.points), flush=True)
-        for name, (on_kernel, inductor_pdl, release, layer), shape, mb in variants:
+        for name, (on_kernel, inductor_pdl, release, layer), shape, mb, products in variants:
+            triton_linear.TILES.clear()
+            triton_linear.TILES.update(products)
             triton_decode.CONFIG.update(launch, **shape)
             triton_linear.L2_AHEAD.update(mb)
             triton_linear._mode = "auto" if on_kernel else "torch"
@@ -165,6 +175,8 @@ def main(argv=None) -> int:
         triton_decode.CONFIG.update(launch)
         triton_linear.PDL.update(pdl)
         triton_linear.L2_AHEAD.update(ahead_mb)
+        triton_linear.TILES.clear()
+        triton_linear.TILES.update(own_tiles)
         if hasattr(inductor_config.triton, "enable_pdl"):
             inductor_config.triton.enable_pdl = enable
     return 0

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         for m in args.tokens:
             x0 = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
             lines += ["", f"**{m} token rows.** Each product alone, over the {LAYERS} layers' weights in turn:", "",
-                      "| product | N x K | cuBLAS TB/s | kernel TB/s | kernel tiles (block_n, block_k, stages) |",
+                      "| product | N x K | cuBLAS TB/s | kernel TB/s | kernel tiles (block_n, block_k, stages, warps) |",
                       "|---|---|---|---|---|"]
             triton_linear.PDL.update(VARIANTS["kernel"])
             triton_linear.L2_AHEAD["mb"] = 0
