@@ -218,11 +218,15 @@ def shared_memory(device: torch.device) -> int:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 1 << 30)
 
 
+def pipeline_bytes(stages: int, block_n: int, block_k: int) -> int:
+    """Shared memory a product program's pipeline takes: Triton's pipeliner keeps ``stages - 1`` tiles
+    of the weight (``block_n`` rows) and of ``x`` (``MAX_ROWS``) in flight, 16-bit."""
+    return (stages - 1) * (block_n + MAX_ROWS) * block_k * 2
+
+
 def fitted_stages(stages: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """``stages`` less those whose tiles would outgrow ``device``'s shared memory: Triton's pipeliner
-    keeps ``stages - 1`` tiles of the weight (``block_n`` rows) and of ``x`` (``MAX_ROWS``) in flight."""
-    tile = (block_n + MAX_ROWS) * block_k * 2
-    while stages > 2 and (stages - 1) * tile > shared_memory(device):
+    """``stages`` less those whose tiles would outgrow ``device``'s shared memory (``pipeline_bytes``)."""
+    while stages > 2 and pipeline_bytes(stages, block_n, block_k) > shared_memory(device):
         stages -= 1
     return stages
 

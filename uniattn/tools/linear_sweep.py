@@ -78,13 +78,16 @@ def tma_linear(x: torch.Tensor, w: torch.Tensor, tiles: tuple[int, int, int, int
 
 
 def grid_settings(grid: dict) -> list[tuple[int, int, int, int]]:
-    """The grid's ``(block_n, block_k, stages, warps)`` whose stages fit in shared memory (Triton's
-    pipeliner keeps ``stages - 1`` tiles of the weight and of ``x`` in flight)."""
-    out = []
-    for block_n, block_k, stages, warps in itertools.product(*(grid[k] for k in GRID)):
-        if (stages - 1) * (block_n + triton_linear.MAX_ROWS) * block_k * 2 <= SMEM:
-            out.append((block_n, block_k, stages, warps))
-    return out
+    """The grid's ``(block_n, block_k, stages, warps)`` whose stages fit in shared memory
+    (``triton_linear.pipeline_bytes``)."""
+    return [(block_n, block_k, stages, warps)
+            for block_n, block_k, stages, warps in itertools.product(*(grid[k] for k in GRID))
+            if triton_linear.pipeline_bytes(stages, block_n, block_k) <= SMEM]
+
+
+def _weight_paths(kernel: str, tma: bool) -> list[bool]:
+    """Whether each timing reads the weight through TMA: ``--tma`` adds it for the plain products."""
+    return [False, True] if tma and kernel == "linear" else [False]
 
 
 class Product:
@@ -141,7 +144,7 @@ def _compile(job) -> int:
     product = Product(kernel, n, k, rows, copies=1)
     done = 0
     for tiles in settings:
-        for t in ([False, True] if tma and kernel == "linear" else [False]):
+        for t in _weight_paths(kernel, tma):
             try:
                 product.call(0, tiles, t)
                 done += 1
@@ -210,7 +213,7 @@ def main(argv=None) -> int:
         ref = product.call(0, default).float()
         try:
             for tiles in settings:
-                for tma in ([False, True] if args.tma and kernel == "linear" else [False]):
+                for tma in _weight_paths(kernel, args.tma):
                     if not product.usable(tiles):
                         continue
                     try:
